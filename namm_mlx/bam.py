@@ -1,0 +1,105 @@
+"""The backward-attention memory (BAM) scorer (spec §3).
+
+A single tiny attention layer over one head's cached tokens in which each token
+attends only to itself and *newer* tokens, followed by a FiLM-style gate on the
+token features and a linear read-out to one score per token. It has no
+learned state beyond its 4,172 weights and is shared by every layer and head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .config import NAMMConfig
+
+#: Query rows per chunk are chosen so one chunk's attention logits stay below
+#: this many float32 values per call (bounds memory at ~256 MB for 16k tokens).
+_MAX_LOGITS_PER_CHUNK = 1 << 26
+#: Below this many rows per chunk, per-call overhead outweighs the skipped work.
+_MIN_CHUNK = 256
+
+
+@dataclass
+class BAMWeights:
+    """The evolved tensors, input-major ``[in, out]`` as in the reference."""
+
+    qkv_weight: mx.array  # [E, 3 * hidden], columns q | k | v
+    qkv_bias: mx.array  # [3 * hidden]
+    out_weight: mx.array  # [hidden, 2 * E], columns additive | multiplicative
+    out_bias: mx.array  # [2 * E]
+    readout_weight: mx.array  # [E, 1]
+    readout_bias: mx.array  # [1]
+
+    def as_list(self) -> list[mx.array]:
+        return [
+            self.qkv_weight,
+            self.qkv_bias,
+            self.out_weight,
+            self.out_bias,
+            self.readout_weight,
+            self.readout_bias,
+        ]
+
+
+@dataclass
+class BAMOutput:
+    """Scores and the intermediates the reference fixtures record."""
+
+    scores: mx.array  # [..., N]
+    attention_output: mx.array  # [..., N, 2E] after the output projection
+    gated_features: mx.array  # [..., N, E] x * (1 + m) + r, the read-out input
+
+
+def backward_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """Softmax attention where query ``i`` sees keys ``j >= i`` only.
+
+    q, k, v: ``[B, heads, N, d]``. Rows are processed in chunks so the logits
+    never exceed ``_MAX_LOGITS_PER_CHUNK`` values; a chunk starting at row
+    ``i0`` only needs keys ``[i0, N)``, which also halves the work.
+    """
+    B, heads, N, d = q.shape
+    scale = d**-0.5
+    per_row = max(1, B * heads * N)
+    # Several chunks also skip the masked lower triangle: ~(1/2 + 1/16) of N^2.
+    chunk = max(1, min(N, _MAX_LOGITS_PER_CHUNK // per_row, max(_MIN_CHUNK, -(-N // 8))))
+    outputs = []
+    for start in range(0, N, chunk):
+        stop = min(N, start + chunk)
+        rows = mx.arange(start, stop)[:, None]
+        cols = mx.arange(start, N)[None, :]
+        mask = cols >= rows
+        outputs.append(
+            mx.fast.scaled_dot_product_attention(
+                q[:, :, start:stop], k[:, :, start:], v[:, :, start:], scale=scale, mask=mask
+            )
+        )
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+
+
+def bam_scores(features: mx.array, weights: BAMWeights, config: NAMMConfig) -> BAMOutput:
+    """Score every token of every head.
+
+    features: ``[..., N, E]`` (E = 25: recency then normalised spectrum), one
+    independent sequence per leading index (batch, head, or layer x head).
+    """
+    *lead, N, E = features.shape
+    x = features.astype(mx.float32).reshape(-1, N, E)
+    hidden, heads = config.hidden_dim, config.num_heads
+    qkv = x @ weights.qkv_weight + weights.qkv_bias
+
+    def split_heads(t: mx.array) -> mx.array:
+        return t.reshape(-1, N, heads, hidden // heads).transpose(0, 2, 1, 3)
+
+    q, k, v = (split_heads(qkv[..., i * hidden : (i + 1) * hidden]) for i in range(3))
+    attended = backward_attention(q, k, v).transpose(0, 2, 1, 3).reshape(-1, N, hidden)
+    out = attended @ weights.out_weight + weights.out_bias
+    additive, multiplicative = out[..., :E], out[..., E:]
+    gated = x * (1.0 + multiplicative) + additive
+    scores = (gated @ weights.readout_weight + weights.readout_bias)[..., 0]
+    return BAMOutput(
+        scores=scores.reshape(*lead, N),
+        attention_output=out.reshape(*lead, N, 2 * E),
+        gated_features=gated.reshape(*lead, N, E),
+    )

@@ -1,0 +1,308 @@
+"""The NAMM memory model: evolved weights + frozen statistics + the pipeline.
+
+``NAMM.step`` is one eviction call of the reference for one layer:
+
+    attention -> token_features (STFT, EMA, normalise, recency) -> bam_scores
+              -> select_kept -> gather
+
+The model never imports mlx-lm: it maps attention probabilities and carried
+per-token state to kept indices and the carried state of the kept tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from .bam import BAMOutput, BAMWeights, bam_scores
+from .config import NAMMConfig
+from .features import (
+    RecencyTable,
+    attention_series,
+    ema_over_frames,
+    normalize_spectrum,
+    stft_magnitudes,
+    token_ages,
+)
+from .selection import gather_tokens, select_kept
+
+WEIGHTS_FILE = "namm.safetensors"
+CONFIG_FILE = "namm_config.json"
+
+
+class NAMMFormatError(ValueError):
+    """A NAMM folder, vector or buffer that cannot be used; the message says why."""
+
+
+@dataclass
+class TokenState:
+    """Per-token memory carried between calls, evicted in step with the keys.
+
+    positions: int32 ``[..., H, N]`` absolute positions (never renumbered).
+    attn_tail: float32 ``[..., H, N, ctx]`` the last ``ctx`` attention samples.
+    ema: float32 ``[..., H, N, n_bins]`` un-normalised spectrogram EMA.
+    """
+
+    positions: mx.array
+    attn_tail: mx.array
+    ema: mx.array
+
+    def gather(self, kept: mx.array) -> "TokenState":
+        return TokenState(
+            positions=gather_tokens(self.positions, kept),
+            attn_tail=gather_tokens(self.attn_tail, kept),
+            ema=gather_tokens(self.ema, kept),
+        )
+
+    def arrays(self) -> list[mx.array]:
+        return [self.positions, self.attn_tail, self.ema]
+
+
+@dataclass
+class TokenFeatures:
+    """Everything computed for the cached tokens at one call (shapes ``[..., H, N, *]``)."""
+
+    stft: mx.array  # [..., N, F, n_bins]
+    ema: mx.array  # [..., N, n_bins] (carried state, pre-normalisation)
+    normalized: mx.array  # [..., N, n_bins]
+    ages: mx.array  # [..., N]
+    recency: mx.array  # [..., N, recency_dim]
+    embedding: mx.array  # [..., N, E]
+    attn_tail: mx.array  # [..., N, ctx] to carry on
+
+
+@dataclass
+class StepResult:
+    """Outcome of one eviction call for one layer."""
+
+    kept: mx.array  # int32 [B, H, K] kept slot indices, ascending
+    state: TokenState  # state of the kept tokens
+    scores: mx.array  # [B, H, N]
+    features: TokenFeatures
+    bam: BAMOutput
+
+
+class NAMM:
+    """An evolved memory model: 4,172 BAM weights plus the 17-bin statistics."""
+
+    def __init__(
+        self,
+        weights: BAMWeights,
+        norm_mean: mx.array,
+        norm_var: mx.array,
+        config: NAMMConfig | None = None,
+        norm_count: np.ndarray | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config or NAMMConfig()
+        self.weights = weights
+        self.norm_mean = norm_mean.astype(mx.float32)
+        self.norm_var = norm_var.astype(mx.float32)
+        self.norm_count = norm_count
+        self.metadata = dict(metadata or {})
+        self._recency = RecencyTable(self.config)
+
+    # ------------------------------------------------------------------ params
+    @classmethod
+    def from_flat(
+        cls,
+        vector: Any,
+        norm_mean: Any,
+        norm_var: Any,
+        config: NAMMConfig | None = None,
+        norm_count: Any = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> "NAMM":
+        """Unflatten a reference parameter vector (spec §5.1 layout)."""
+        config = config or NAMMConfig()
+        flat = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if flat.size != config.param_size:
+            raise NAMMFormatError(
+                f"a NAMM vector has {config.param_size:,} values, got {flat.size:,} "
+                f"(layout: {config.layout_description()})"
+            )
+        tensors, offset = [], 0
+        for _, shape in config.param_layout:
+            size = int(np.prod(shape))
+            tensors.append(mx.array(flat[offset : offset + size].reshape(shape)))
+            offset += size
+        mean, var = (_check_buffer(b, config.n_bins, name) for b, name in ((norm_mean, "mean"), (norm_var, "var")))
+        count = None if norm_count is None else np.asarray(norm_count, dtype=np.int64).reshape(-1)
+        return cls(BAMWeights(*tensors), mx.array(mean), mx.array(var), config, count, metadata)
+
+    @classmethod
+    def zeros(cls, config: NAMMConfig | None = None) -> "NAMM":
+        """The CMA-ES starting point: every score is exactly 0, so nothing is evicted."""
+        config = config or NAMMConfig()
+        return cls.from_flat(
+            np.zeros(config.param_size, np.float32),
+            np.zeros(config.n_bins, np.float32),
+            np.ones(config.n_bins, np.float32),
+            config,
+        )
+
+    def to_flat(self) -> np.ndarray:
+        """The flat float32 vector in the reference layout."""
+        return np.concatenate([np.asarray(t, dtype=np.float32).reshape(-1) for t in self.weights.as_list()])
+
+    def named_tensors(self) -> dict[str, mx.array]:
+        """Tensors as stored in ``namm.safetensors`` (same names as the reference
+        fixtures' expected conversion)."""
+        names = [name for name, _ in self.config.param_layout]
+        tensors = dict(zip(names, self.weights.as_list()))
+        tensors["param_vector"] = mx.array(self.to_flat())
+        tensors["norm.mean"] = self.norm_mean
+        tensors["norm.var"] = self.norm_var
+        if self.norm_count is not None:
+            tensors["norm.count"] = mx.array(self.norm_count.astype(np.int64))
+        return tensors
+
+    # --------------------------------------------------------------------- io
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write ``path/namm.safetensors`` (metadata ``format: mlx`` plus
+        provenance) and ``path/namm_config.json``, each atomically."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {**self.metadata, **dict(metadata or {}), "format": "mlx"}
+        meta = {str(k): str(v) for k, v in meta.items()}
+        with _atomic_path(folder / WEIGHTS_FILE, suffix=".safetensors") as tmp:
+            mx.save_safetensors(str(tmp), self.named_tensors(), metadata=meta)
+        config = {**self.config.to_dict(), "param_size": self.config.param_size}
+        provenance = {k: v for k, v in meta.items() if k != "format"}
+        if provenance:
+            config["provenance"] = provenance
+        with _atomic_path(folder / CONFIG_FILE, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NAMM":
+        """Load a folder written by :meth:`save` (or by ``namm convert``)."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise NAMMFormatError(f"no NAMM folder at {folder} (expected {WEIGHTS_FILE} and {CONFIG_FILE})")
+        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise NAMMFormatError(f"{folder} is not a NAMM folder: {p.name} is missing")
+        try:
+            config = NAMMConfig.from_dict(json.loads(config_path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise NAMMFormatError(f"{config_path} is not a valid NAMM config: {err}") from None
+        try:
+            tensors, meta = mx.load(str(weights_path), return_metadata=True)
+        except Exception as err:  # mlx raises RuntimeError/ValueError on corrupt files
+            raise NAMMFormatError(f"{weights_path} is unreadable or corrupt ({err})") from None
+        for name in ("norm.mean", "norm.var"):
+            if name not in tensors:
+                raise NAMMFormatError(f"{weights_path} has no {name} (the frozen normalisation buffers)")
+        names = [name for name, _ in config.param_layout]
+        if all(name in tensors for name in names):
+            vector = np.concatenate([np.asarray(tensors[n], dtype=np.float32).reshape(-1) for n in names])
+            if "param_vector" in tensors and not np.array_equal(vector, np.asarray(tensors["param_vector"])):
+                raise NAMMFormatError(f"{weights_path}: param_vector disagrees with the named weights")
+        elif "param_vector" in tensors:
+            vector = np.asarray(tensors["param_vector"])
+        else:
+            raise NAMMFormatError(f"{weights_path} holds neither the BAM weights nor a param_vector")
+        count = tensors.get("norm.count")
+        meta = {k: v for k, v in (meta or {}).items() if k != "format"}
+        return cls.from_flat(
+            vector,
+            np.asarray(tensors["norm.mean"]),
+            np.asarray(tensors["norm.var"]),
+            config,
+            None if count is None else np.asarray(count),
+            meta,
+        )
+
+    # --------------------------------------------------------------- pipeline
+    def token_features(
+        self, attn: mx.array, positions: mx.array, carried: TokenState | None = None
+    ) -> TokenFeatures:
+        """Features of every cached token (spec §2).
+
+        attn: ``[..., H, n, N]`` GQA-averaged attention of the ``n`` queries
+        since the last call over all ``N`` cache slots (old kept slots first,
+        then the ``n`` new ones). positions: ``[..., H, N]``. carried: state of
+        the ``N - n`` old slots, or None for a new sequence.
+        """
+        n, N = attn.shape[-2], attn.shape[-1]
+        n_old = 0 if carried is None else carried.ema.shape[-2]
+        if n % self.config.hop:
+            raise ValueError(f"a NAMM call needs a multiple of {self.config.hop} new queries, got {n}")
+        if n_old + n != N:
+            raise ValueError(f"cache has {N} slots but {n_old} carried + {n} new were given")
+        attn = attn.astype(mx.float32)
+        series = attention_series(attn, None if carried is None else carried.attn_tail, self.config)
+        stft = stft_magnitudes(series, self.config)
+        ema = ema_over_frames(stft, None if carried is None else carried.ema, self.config)
+        normalized = normalize_spectrum(ema, self.norm_mean, self.norm_var, self.config.norm_eps)
+        ages = token_ages(positions, self.config.start_recency_from)
+        recency = self._recency(ages)
+        embedding = mx.concatenate([recency, normalized], axis=-1)
+        tail = series[..., -self.config.context_len :]
+        return TokenFeatures(stft, ema, normalized, ages, recency, embedding, tail)
+
+    def score(
+        self, attn: mx.array, positions: mx.array, carried: TokenState | None = None
+    ) -> tuple[mx.array, TokenState, TokenFeatures, BAMOutput]:
+        """Scores for every slot plus the (un-gathered) state to carry on."""
+        features = self.token_features(attn, positions, carried)
+        bam = bam_scores(features.embedding, self.weights, self.config)
+        state = TokenState(positions.astype(mx.int32), features.attn_tail, features.ema)
+        return bam.scores, state, features, bam
+
+    def step(
+        self,
+        attn: mx.array,
+        positions: mx.array,
+        carried: TokenState | None = None,
+        max_keep: int | None = None,
+    ) -> StepResult:
+        """One reference eviction call for one layer (spec §1.5).
+
+        attn: ``[B, H, n, N]``; positions ``[B, H, N]``. Returns the kept
+        indices ``[B, H, K]`` and the kept tokens' state; the caller gathers
+        its keys and values with ``gather_tokens(keys, result.kept)``.
+        """
+        scores, state, features, bam = self.score(attn, positions, carried)
+        kept = select_kept(scores, self.config.threshold, max_keep)
+        return StepResult(kept, state.gather(kept), scores, features, bam)
+
+
+def _check_buffer(buffer: Any, n_bins: int, name: str) -> np.ndarray:
+    if buffer is None:
+        raise NAMMFormatError(f"the normalisation {name} buffer is missing")
+    values = np.asarray(buffer, dtype=np.float32).reshape(-1)
+    if values.size != n_bins:
+        raise NAMMFormatError(f"the normalisation {name} has {values.size} values, expected {n_bins}")
+    return values
+
+
+class _atomic_path:
+    """Context manager yielding a temp path that replaces ``target`` on success,
+    so a crash never leaves a half-written file."""
+
+    def __init__(self, target: Path, suffix: str) -> None:
+        self.target = target
+        self.suffix = suffix
+
+    def __enter__(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{self.target.stem}-", suffix=self.suffix, dir=self.target.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
