@@ -1,7 +1,28 @@
-"""namm-mlx: Neural Attention Memory Models (learned KV-cache eviction) on MLX."""
+"""namm-mlx: Neural Attention Memory Models (learned KV-cache eviction) on MLX.
 
+``namm_mlx.load(model, namm)`` returns an mlx-lm ``(model, tokenizer)`` whose
+caches evict with the NAMM; ``namm_mlx.attach(model, namm)`` does the same for
+an already loaded model. The memory model itself is :class:`NAMM`.
+"""
+
+from .integration import attach, detach, load
+from .cache import EvictingKVCache, EvictionContext, Scorer, Scores, UnsupportedModelError
 from .config import NAMMConfig
 from .namm import NAMM, NAMMFormatError, StepResult, TokenState
 
-__all__ = ["NAMM", "NAMMConfig", "NAMMFormatError", "StepResult", "TokenState"]
+__all__ = [
+    "NAMM",
+    "NAMMConfig",
+    "NAMMFormatError",
+    "StepResult",
+    "TokenState",
+    "EvictingKVCache",
+    "EvictionContext",
+    "Scorer",
+    "Scores",
+    "UnsupportedModelError",
+    "attach",
+    "detach",
+    "load",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The ``namm`` command-line interface (typer). Thin: every command calls the library."""

@@ -1,0 +1,2 @@
+"""One module per command; importing them registers them on ``cli.main.app``."""
+from . import convert  # noqa: F401

@@ -1,0 +1,41 @@
+"""Turn expected failures into one line on stderr and a non-zero exit.
+
+Every command runs inside :func:`user_errors`: a user never sees a traceback
+for bad input (missing files, corrupt weights, unsupported models), only what
+went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+import typer
+
+from namm_mlx.namm import NAMMFormatError
+
+#: Exceptions that carry a user-facing message. Others are bugs and keep their traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (NAMMFormatError, FileNotFoundError, IsADirectoryError)
+
+
+def register(*errors: type[BaseException]) -> None:
+    """Add library error types whose messages are meant for users."""
+    global USER_ERRORS
+    USER_ERRORS = USER_ERRORS + tuple(e for e in errors if e not in USER_ERRORS)
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print ``error: message`` (one line) and exit with ``code``."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as err:
+        fail(str(err) or type(err).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)

@@ -1,0 +1,395 @@
+"""One evicting KV cache for mlx-lm, shared by NAMM and every baseline policy.
+
+``EvictingKVCache`` implements mlx-lm's cache protocol (``update_and_fetch``,
+``offset``, ``make_mask``, ``state``, ``trim``, ``nbytes``, ...). It stores
+post-RoPE keys/values ``[B, H, N, D]`` plus what a scorer needs per token, and
+every ``scorer.interval`` absolute tokens, *after* the attention of the forward
+pass that completes the block, asks its scorer for per-token scores and keeps
+each head's best tokens. Policies never touch storage: they implement
+:class:`Scorer` and the cache owns the gather, the budget and the bookkeeping.
+
+Invariants:
+* ``offset`` is the logical token count (RoPE position of the next token);
+  positions are never renumbered, so kept keys keep their rotation.
+* Every head of a layer keeps the same number of tokens: storage stays a dense
+  tensor and attention needs no per-head mask ("causal" stays exact because
+  every kept token precedes the new block).
+* The cache is not a ``KVCache`` subclass on purpose: inheriting ``merge``
+  would let mlx-lm's server batch it into a plain ``BatchKVCache``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import _BaseCache
+
+from .selection import gather_tokens, protect_newest, top_k_in_order
+from .attention import attention_probabilities
+
+
+class UnsupportedModelError(RuntimeError):
+    """The model's attention cannot be observed or evicted by the NAMM cache."""
+
+
+@dataclass
+class EvictionContext:
+    """What a scorer sees at an eviction step for one layer.
+
+    keys: ``[B, H, N, D]`` post-RoPE keys of every slot (old kept slots first,
+    then the ``n_new`` slots appended since the last step). positions:
+    ``[B, H, N]`` absolute positions. state: the scorer's per-token arrays for
+    the ``N - n_new`` old slots, as it returned them last time (empty at the
+    first step). offset: tokens seen so far.
+    """
+
+    keys: mx.array
+    positions: mx.array
+    n_new: int
+    offset: int
+    state: list[mx.array]
+    queries: mx.array | None = None  # [B, Hq, n, D] buffered queries, newest last
+    scale: float | None = None
+
+    def attention(self, rows: int | None = None, dtype: str = "float32") -> mx.array:
+        """GQA-averaged attention ``[B, H, rows, N]`` of the newest ``rows``
+        buffered queries (all of them when ``None``), recomputed on demand."""
+        if self.queries is None:
+            raise RuntimeError("this scorer did not ask the cache to buffer queries")
+        return attention_probabilities(self.queries, self.keys, self.scale, rows, dtype)
+
+
+@dataclass
+class Scores:
+    """A scorer's verdict for one layer.
+
+    scores: ``[B, H, N]``, higher = more worth keeping (the newest slot is
+    always kept regardless). state: per-token arrays ``[B, H, N, ...]`` to carry
+    to the next step (gathered with the kept slots). keep: tokens per head the
+    scorer wants to keep (``None``: all of them, unless a budget applies).
+    """
+
+    scores: mx.array
+    state: list[mx.array] = field(default_factory=list)
+    keep: int | None = None
+
+
+class Scorer(Protocol):
+    """A token-importance policy for :class:`EvictingKVCache`.
+
+    Attributes: ``interval`` (tokens between steps), ``granularity`` (a step
+    needs a multiple of this many new tokens), ``needs_queries`` (buffer the
+    queries so ``EvictionContext.attention`` works).
+    """
+
+    interval: int
+    granularity: int
+    needs_queries: bool
+
+    def score(self, context: EvictionContext) -> Scores: ...
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description, with ``"policy"`` naming the registered class."""
+        ...
+
+    def arrays(self) -> dict[str, mx.array]:
+        """Arrays needed to rebuild the scorer (e.g. the NAMM weights)."""
+        ...
+
+
+def _grow(buffer: mx.array | None, used: int, needed: int, step: int, like: mx.array) -> mx.array:
+    """Make room for ``needed`` more entries along axis 2, in ``step`` increments."""
+    capacity = 0 if buffer is None else buffer.shape[2]
+    if used + needed <= capacity:
+        return buffer
+    extra = step * ((used + needed - capacity + step - 1) // step)
+    shape = (*like.shape[:2], extra, *like.shape[3:])
+    zeros = mx.zeros(shape, like.dtype)
+    if buffer is None:
+        return zeros
+    return mx.concatenate([buffer[:, :, :used], zeros], axis=2)
+
+
+class EvictingKVCache(_BaseCache):
+    """A KV cache whose tokens are periodically evicted by a :class:`Scorer`.
+
+    max_kv_size: after each step a layer keeps at most this many tokens per
+    head (between steps it can grow by up to ``scorer.interval``).
+    keep_fraction: after each step a layer keeps at most this fraction of the
+    tokens seen so far (used to run baselines at a matched budget).
+    """
+
+    step = 256
+
+    def __init__(self, scorer: Scorer, max_kv_size: int | None = None, keep_fraction: float | None = None) -> None:
+        if max_kv_size is not None and max_kv_size < 1:
+            raise ValueError(f"max_kv_size must be at least 1, got {max_kv_size}")
+        if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+        self.scorer = scorer
+        self.max_kv_size = max_kv_size
+        self.keep_fraction = keep_fraction
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0  # logical tokens seen: the RoPE position of the next token
+        self.length = 0  # physical slots in use
+        self.kept_positions: mx.array | None = None  # [B, H, n_old] positions kept at the last step
+        self.scorer_state: list[mx.array] = []
+        self.last_step_offset = 0  # offset at the last eviction step
+        self.queries: mx.array | None = None  # [B, Hq, capacity, D]
+        self.num_queries = 0
+        self.scale: float | None = None
+        self.steps = 0
+        self._awaiting_attention = False
+
+    # ------------------------------------------------------------ protocol
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append post-RoPE ``keys``/``values`` ``[B, H, S, D]``; return all slots."""
+        if self._awaiting_attention:
+            raise UnsupportedModelError(
+                "the attention hook did not run after the last cache update: this model "
+                "computes attention without mlx-lm's scaled_dot_product_attention, so a "
+                "NAMM cannot see it (unsupported model family)"
+            )
+        self._awaiting_attention = True
+        S = keys.shape[2]
+        self.keys = _grow(self.keys, self.length, S, self.step, keys)
+        self.values = _grow(self.values, self.length, S, self.step, values)
+        self.keys[:, :, self.length : self.length + S] = keys
+        self.values[:, :, self.length : self.length + S] = values
+        self.length += S
+        self.offset += S
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        scale: float,
+        mask: Any,
+        sinks: mx.array | None = None,
+    ) -> mx.array:
+        """Attention for this layer, then the eviction step when one is due.
+
+        Called by the hook in place of mlx-lm's ``scaled_dot_product_attention``.
+        """
+        if sinks is not None:
+            raise UnsupportedModelError("attention sinks are not supported by the NAMM cache")
+        if isinstance(mask, mx.array) and mask.shape[-1] != keys.shape[-2]:
+            raise UnsupportedModelError(
+                "this model builds an explicit attention mask for every layer, which "
+                "cannot follow per-layer eviction (unsupported model family)"
+            )
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        self.observe(queries, scale)
+        return out
+
+    def observe(self, queries: mx.array, scale: float) -> None:
+        """Record the queries of this forward and run a step if one is due.
+
+        A second call for the same update (layers sharing a KV cache) is ignored.
+        """
+        if not self._awaiting_attention:
+            return
+        self._awaiting_attention = False
+        self.scale = float(scale)
+        if self.scorer.needs_queries:
+            L = queries.shape[2]
+            self.queries = _grow(self.queries, self.num_queries, L, self.scorer.interval, queries)
+            self.queries[:, :, self.num_queries : self.num_queries + L] = queries
+            self.num_queries += L
+        if self._step_due():
+            self.evict()
+
+    def _step_due(self) -> bool:
+        """A step runs once the absolute count reaches (or has passed) a multiple
+        of the interval, as soon as the new block is a multiple of the granularity."""
+        interval = self.scorer.interval
+        new = self.offset - self.last_step_offset
+        crossed = self.offset // interval > self.last_step_offset // interval
+        return new > 0 and crossed and new % self.scorer.granularity == 0
+
+    @property
+    def n_new(self) -> int:
+        """Slots appended since the last step (always the last ones)."""
+        return self.offset - self.last_step_offset
+
+    def positions(self) -> mx.array:
+        """Absolute positions ``[B, H, length]`` of every slot."""
+        B, H = self.keys.shape[:2]
+        new = mx.arange(self.last_step_offset, self.offset, dtype=mx.int32)
+        new = mx.broadcast_to(new, (B, H, self.n_new))
+        if self.kept_positions is None:
+            return new
+        return mx.concatenate([self.kept_positions, new], axis=-1)
+
+    def keep_limit(self) -> int:
+        """Most tokens per head this layer may keep after a step."""
+        limit = self.length
+        if self.max_kv_size is not None:
+            limit = min(limit, self.max_kv_size)
+        if self.keep_fraction is not None:
+            limit = min(limit, max(1, math.ceil(self.keep_fraction * self.offset)))
+        return max(1, limit)
+
+    def evict(self) -> None:
+        """Score every slot, keep each head's best, gather storage and state."""
+        keys = self.keys[:, :, : self.length]
+        values = self.values[:, :, : self.length]
+        positions = self.positions()
+        context = EvictionContext(
+            keys=keys,
+            positions=positions,
+            n_new=self.n_new,
+            offset=self.offset,
+            state=self.scorer_state,
+            queries=None if self.queries is None else self.queries[:, :, : self.num_queries],
+            scale=self.scale,
+        )
+        result = self.scorer.score(context)
+        keep = min(self.length if result.keep is None else result.keep, self.keep_limit())
+        keep = max(1, keep)
+        if keep < self.length:
+            kept = top_k_in_order(protect_newest(result.scores), keep)
+            self.keys, self.values = gather_tokens(keys, kept), gather_tokens(values, kept)
+            self.kept_positions = gather_tokens(positions, kept)
+            self.scorer_state = [gather_tokens(s, kept) for s in result.state]
+            self.length = keep
+        else:
+            self.kept_positions = positions
+            self.scorer_state = list(result.state)
+        self.last_step_offset = self.offset
+        self.num_queries = 0
+        self.steps += 1
+        mx.eval(self.keys, self.values, self.kept_positions, self.scorer_state)
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> Any:
+        if window_size is not None:
+            raise UnsupportedModelError("sliding-window attention layers cannot use the NAMM cache")
+        if N == 1:
+            return None
+        if return_array:
+            return create_causal_mask(N, self.length)
+        return "causal"
+
+    def is_trimmable(self) -> bool:
+        """Only before the first step: afterwards the removed tokens are gone
+        and the carried state would no longer match the slots."""
+        return self.steps == 0
+
+    def trim(self, n: int) -> int:
+        if not self.is_trimmable():
+            return 0
+        n = min(self.length, n)
+        self.length -= n
+        self.offset -= n
+        self.num_queries = max(0, self.num_queries - n)
+        return n
+
+    def size(self) -> int:
+        return self.length
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held: storage (with its growth slack), positions,
+        scorer state and the query buffer."""
+        arrays = [self.keys, self.values, self.kept_positions, self.queries, *self.scorer_state]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Bytes of the live keys and values only (comparable to a full cache's)."""
+        if self.keys is None:
+            return 0
+        per_slot = (self.keys.nbytes + self.values.nbytes) // self.keys.shape[2]
+        return per_slot * self.length
+
+    # -------------------------------------------------------- serialisation
+    @property
+    def meta_state(self) -> str:
+        """Scalars and the scorer's description, as one JSON string."""
+        return json.dumps(
+            {
+                "offset": self.offset,
+                "length": self.length,
+                "last_step_offset": self.last_step_offset,
+                "num_queries": self.num_queries,
+                "scale": self.scale,
+                "steps": self.steps,
+                "max_kv_size": self.max_kv_size,
+                "keep_fraction": self.keep_fraction,
+                "num_scorer_state": len(self.scorer_state),
+                "scorer": self.scorer.spec(),
+                "scorer_arrays": sorted(self.scorer.arrays()),
+            }
+        )
+
+    @meta_state.setter
+    def meta_state(self, value: str) -> None:
+        meta = json.loads(value)
+        self.offset = meta["offset"]
+        self.length = meta["length"]
+        self.last_step_offset = meta["last_step_offset"]
+        self.num_queries = meta["num_queries"]
+        self.scale = meta["scale"]
+        self.steps = meta["steps"]
+        self.max_kv_size = meta["max_kv_size"]
+        self.keep_fraction = meta["keep_fraction"]
+        self._awaiting_attention = False
+
+    @property
+    def state(self) -> list[Any]:
+        """Everything needed to continue generation, for ``save_prompt_cache``:
+        live keys/values, kept positions, buffered queries, scorer state, the
+        scorer's own arrays and (last) the JSON meta state."""
+        live = lambda a, n: None if a is None else a[:, :, :n]  # noqa: E731
+        scorer_arrays = self.scorer.arrays()
+        return [
+            live(self.keys, self.length),
+            live(self.values, self.length),
+            self.kept_positions,
+            live(self.queries, self.num_queries) if self.num_queries else None,
+            *self.scorer_state,
+            *(scorer_arrays[name] for name in sorted(scorer_arrays)),
+            self.meta_state,
+        ]
+
+    @state.setter
+    def state(self, value: list[Any]) -> None:
+        from .policies import scorer_from_spec
+
+        value = list(value)
+        meta = json.loads(value[-1])
+        self.keys, self.values, self.kept_positions, self.queries = value[:4]
+        n_state = meta["num_scorer_state"]
+        self.scorer_state = list(value[4 : 4 + n_state])
+        arrays = dict(zip(meta["scorer_arrays"], value[4 + n_state : -1]))
+        self.scorer = scorer_from_spec(meta["scorer"], arrays)
+        self.meta_state = value[-1]
+
+    @classmethod
+    def from_state(cls, state: list[Any], meta_state: Any = None) -> "EvictingKVCache":
+        """Rebuild a saved cache (``load_prompt_cache`` skips ``__init__``) and
+        make sure the attention hook is in place for it."""
+        from .hook import install_hook
+
+        install_hook()
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+
+
+# ``load_prompt_cache`` resolves cache classes by name in mlx-lm's own cache
+# module; make ours findable there.
+import mlx_lm.models.cache as _mlx_lm_cache  # noqa: E402
+
+_mlx_lm_cache.EvictingKVCache = EvictingKVCache
