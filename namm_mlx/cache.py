@@ -388,6 +388,25 @@ class EvictingKVCache(_BaseCache):
         return obj
 
 
+def evict_now(caches: list[Any]) -> int:
+    """Run a step on every evicting layer that holds new tokens, off-cadence.
+
+    For one-shot policies (SnapKV compresses right after the prompt) and for
+    callers that want a budget enforced now. Returns the number of layers
+    stepped. The NAMM itself needs a multiple of its hop in new tokens; layers
+    where that does not hold are skipped.
+    """
+    stepped = 0
+    for cache in caches:
+        if not isinstance(cache, EvictingKVCache) or cache.n_new == 0:
+            continue
+        if cache.n_new % cache.scorer.granularity:
+            continue
+        cache.evict()
+        stepped += 1
+    return stepped
+
+
 # ``load_prompt_cache`` resolves cache classes by name in mlx-lm's own cache
 # module; make ours findable there.
 import mlx_lm.models.cache as _mlx_lm_cache  # noqa: E402

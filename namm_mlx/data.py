@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 import os
@@ -48,32 +49,32 @@ import subprocess
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from namm_mlx.models import cache_dir
 
 __all__ = [
-    "DataError",
-    "TEXTS",
     "SOURCES",
-    "text_cache_dir",
-    "fetch_texts",
-    "load_text",
-    "available_texts",
-    "parse_kjv",
-    "parse_kjv_ref",
-    "unserialize",
-    "read_rds",
-    "read_lazyload_db",
-    "r_lines",
-    "decode_bible_data",
-    "RVector",
-    "RPairlist",
-    "RSymbol",
+    "TEXTS",
+    "DataError",
     "REnvironment",
     "RObject",
+    "RPairlist",
+    "RSymbol",
+    "RVector",
+    "available_texts",
+    "decode_bible_data",
+    "fetch_texts",
+    "load_text",
+    "parse_kjv",
+    "parse_kjv_ref",
+    "r_lines",
+    "read_lazyload_db",
+    "read_rds",
+    "text_cache_dir",
+    "unserialize",
 ]
 
 
@@ -145,8 +146,7 @@ def text_cache_dir() -> Path:
 def _text_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_")
     for suffix in (".txt", ".tsv"):
-        if key.endswith(suffix):
-            key = key[: -len(suffix)]
+        key = key.removesuffix(suffix)
     key = key.removeprefix("austen/")
     key = _ALIASES.get(key, key)
     if key not in TEXTS:
@@ -289,16 +289,17 @@ def _find_or_download_deb(package: str, workdir: Path, deb_dir) -> Path:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # as root apt drops privileges to _apt, which cannot write into our private temp dir
         cmd += ["-o", "APT::Sandbox::User=root"]
-    proc = subprocess.run(
-        cmd + [package], cwd=workdir, capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run(cmd + [package], cwd=workdir, capture_output=True, text=True, check=False)
     found = sorted(workdir.glob(f"{package}_*.deb"))
     if proc.returncode != 0 or not found:
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("E:")] or lines
         detail = errors[-1] if errors else f"exit status {proc.returncode}"
         hint = ""
-        if re.search(r"Unable to locate|no installation candidate|Can't select|has no", detail):
+        if re.search(
+            r"Unable to locate|installation candidate|Can.t select|has no|Failed to fetch|404",
+            detail,
+        ):
             hint = "; the package lists may be missing: run `apt-get update` (as root) first"
         raise DataError(f"`apt-get download {package}` failed: {detail}{hint}")
     return found[-1]
@@ -328,9 +329,9 @@ def _extract_deb(deb: Path, dest: Path) -> None:
         if not member.startswith("data.tar"):
             continue
         if member.endswith(".zst"):
-            raise DataError(f"{deb.name} uses zstd compression: install dpkg-deb (dpkg) to unpack it")
-        import io
-
+            raise DataError(
+                f"{deb.name} uses zstd compression: install dpkg-deb (dpkg) to unpack it"
+            )
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
             data_filter = getattr(tarfile, "data_filter", None)
             if data_filter is not None:
@@ -383,15 +384,23 @@ def _extract_mobydick(root: Path) -> dict[str, str]:
 def _strip_gutenberg(text: str) -> str:
     """The book between Project Gutenberg's ``*** START OF`` and ``*** END OF`` markers, less
     the "Produced by" credit and the "End of Project Gutenberg's ..." line."""
-    start = re.search(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", text, re.M | re.I)
-    end = re.search(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", text, re.M | re.I)
+    start = re.search(
+        r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", text, re.MULTILINE | re.IGNORECASE
+    )
+    end = re.search(
+        r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", text, re.MULTILINE | re.IGNORECASE
+    )
     if start and end and start.end() < end.start():
         text = text[start.end() : end.start()]
     lines = text.split("\n")
     head = [i for i, ln in enumerate(lines[:20]) if ln.startswith("Produced by")]
     if head:
         del lines[head[0]]
-    tail = [i for i, ln in enumerate(lines) if re.match(r"End of (the )?Project Gutenberg", ln, re.I)]
+    tail = [
+        i
+        for i, ln in enumerate(lines)
+        if re.match(r"End of (the )?Project Gutenberg", ln, re.IGNORECASE)
+    ]
     if tail and tail[-1] > len(lines) - 20:
         del lines[tail[-1]]
     return "\n".join(lines)
@@ -733,7 +742,6 @@ class _Reader:
         t = flags & 0xFF
         levels = flags >> 12
         has_attr = bool(flags & (1 << 9))
-        has_tag = bool(flags & (1 << 10))
 
         if t == _NILVALUE_SXP:
             return None
@@ -822,7 +830,9 @@ class _Reader:
             items = self.doubles(n)
         elif t == _CPLXSXP:
             d = self.doubles(2 * n)
-            items = [None if a is None or b is None else complex(a, b) for a, b in zip(d[::2], d[1::2])]
+            items = [
+                None if a is None or b is None else complex(a, b) for a, b in zip(d[::2], d[1::2])
+            ]
         else:  # RAWSXP
             items = list(self.bytes(n))
         return RVector(items, name)

@@ -1,2 +1,3 @@
 """One module per command; importing them registers them on ``cli.main.app``."""
 from . import convert  # noqa: F401
+from . import data  # noqa: F401
