@@ -84,7 +84,8 @@ class Scorer(Protocol):
 
     Attributes: ``interval`` (tokens between steps), ``granularity`` (a step
     needs a multiple of this many new tokens), ``needs_queries`` (buffer the
-    queries so ``EvictionContext.attention`` works).
+    queries so ``EvictionContext.attention`` works) and optionally
+    ``query_rows`` (only the newest this many queries are ever needed).
     """
 
     interval: int
@@ -200,12 +201,22 @@ class EvictingKVCache(_BaseCache):
         self._awaiting_attention = False
         self.scale = float(scale)
         if self.scorer.needs_queries:
-            L = queries.shape[2]
-            self.queries = _grow(self.queries, self.num_queries, L, self.scorer.interval, queries)
-            self.queries[:, :, self.num_queries : self.num_queries + L] = queries
-            self.num_queries += L
+            self._buffer_queries(queries)
         if self._step_due():
             self.evict()
+
+    def _buffer_queries(self, queries: mx.array) -> None:
+        """Append to the query buffer, keeping only the newest ``scorer.query_rows``
+        rows when the scorer says it needs no more (SnapKV's window, TOVA's last query)."""
+        L = queries.shape[2]
+        growth = min(self.scorer.interval, 2 * self.step)
+        self.queries = _grow(self.queries, self.num_queries, L, growth, queries)
+        self.queries[:, :, self.num_queries : self.num_queries + L] = queries
+        self.num_queries += L
+        rows = getattr(self.scorer, "query_rows", None)
+        if rows is not None and self.num_queries >= 2 * rows + self.step:
+            self.queries = self.queries[:, :, self.num_queries - rows : self.num_queries]
+            self.num_queries = rows
 
     def _step_due(self) -> bool:
         """A step runs once the absolute count reaches (or has passed) a multiple

@@ -19,7 +19,7 @@ from mlx_lm.models.cache import KVCache
 
 from .cache import EvictingKVCache, Scorer, UnsupportedModelError
 from .hook import install_hook
-from .namm import NAMM
+from .namm import NAMM, NAMMFormatError
 from .policies import NAMMScorer
 
 #: Why some families fail the probe (their attention bypasses mlx-lm's function).
@@ -48,6 +48,11 @@ def model_type(model: nn.Module) -> str:
 def as_scorer(namm: NAMM | Scorer | str | os.PathLike | None) -> Scorer:
     """Accept a NAMM, a folder holding one, a ready scorer, or None (the shipped default)."""
     if namm is None:
+        if not (DEFAULT_NAMM_DIR / "namm.safetensors").is_file():
+            raise NAMMFormatError(
+                f"no default NAMM is installed at {DEFAULT_NAMM_DIR}; pass a NAMM folder (--namm) "
+                "or run without eviction (--no-namm)"
+            )
         namm = DEFAULT_NAMM_DIR
     if isinstance(namm, (str, os.PathLike)):
         namm = NAMM.load(namm)

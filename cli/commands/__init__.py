@@ -1,3 +1,5 @@
 """One module per command; importing them registers them on ``cli.main.app``."""
 from . import convert  # noqa: F401
 from . import data  # noqa: F401
+from . import chat  # noqa: F401
+from . import serve  # noqa: F401
