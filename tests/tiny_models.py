@@ -54,9 +54,14 @@ CONFIGS = {
 SUPPORTED = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
+def tiny_config(family: str, **overrides) -> dict:
+    """The ``config.json`` dict of a tiny ``family`` model."""
+    return {**_COMMON, **CONFIGS[family], **overrides}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialised mlx-lm model of ``family`` (float32)."""
-    config = {**_COMMON, **CONFIGS[family]}
+    config = tiny_config(family, **overrides)
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
