@@ -55,27 +55,29 @@ class BAMOutput:
 def backward_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """Softmax attention where query ``i`` sees keys ``j >= i`` only.
 
-    q, k, v: ``[B, heads, N, d]``. Rows are processed in chunks so the logits
-    never exceed ``_MAX_LOGITS_PER_CHUNK`` values; a chunk starting at row
-    ``i0`` only needs keys ``[i0, N)``, which also halves the work.
+    q, k, v: ``[B, heads, N, d]``. Reversing the token axis turns the backward
+    mask into an ordinary causal one, so the fused kernel's ``"causal"`` mode
+    applies and no ``N x N`` mask is ever built. Rows are processed in chunks
+    so the logits never exceed ``_MAX_LOGITS_PER_CHUNK`` values; a chunk of
+    reversed rows ``[r0, r1)`` only needs keys ``[0, r1)`` (the lower-right
+    aligned causal mask is then exactly right), which skips the masked half.
     """
     B, heads, N, d = q.shape
     scale = d**-0.5
+    q, k, v = q[:, :, ::-1], k[:, :, ::-1], v[:, :, ::-1]
     per_row = max(1, B * heads * N)
-    # Several chunks also skip the masked lower triangle: ~(1/2 + 1/16) of N^2.
+    # Several chunks also skip the masked triangle: ~(1/2 + 1/16) of N^2.
     chunk = max(1, min(N, _MAX_LOGITS_PER_CHUNK // per_row, max(_MIN_CHUNK, -(-N // 8))))
     outputs = []
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
-        rows = mx.arange(start, stop)[:, None]
-        cols = mx.arange(start, N)[None, :]
-        mask = cols >= rows
         outputs.append(
             mx.fast.scaled_dot_product_attention(
-                q[:, :, start:stop], k[:, :, start:], v[:, :, start:], scale=scale, mask=mask
+                q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], scale=scale, mask="causal"
             )
         )
-    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+    return out[:, :, ::-1]
 
 
 def bam_scores(features: mx.array, weights: BAMWeights, config: NAMMConfig) -> BAMOutput:

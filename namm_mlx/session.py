@@ -44,6 +44,7 @@ class TurnStats:
     prefill_seconds: float = 0.0
     generated_tokens: int = 0
     generation_tps: float = 0.0
+    generation_seconds: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str | None = None
 
@@ -196,7 +197,7 @@ class DocumentSession:
         fed = self.offset - offset_before - 1  # generated tokens now in the cache
         self._eos_fed = stats.finish_reason == "stop" and fed >= stats.generated_tokens
         self.messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply.strip()}]
-        stats.generation_seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+        stats.generation_seconds = time.perf_counter() - start
         self.last_turn = stats
 
     # -------------------------------------------------------------- state

@@ -1,0 +1,171 @@
+"""``namm evolve``: evolve a NAMM with the reference CMA-ES, resumable and distributed.
+
+Thin wrapper over :mod:`namm_mlx.evolve`. Several processes (one or more machines) share
+each population when started under ``mlx.launch``, e.g.::
+
+    mlx.launch -n 2 --backend ring -- namm evolve --out runs/a --fitness synthetic
+
+Only rank 0 prints and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+import namm_mlx.evolve as ev
+from cli import errors
+from cli.main import app
+from namm_mlx.checkpoint import CheckpointError
+from namm_mlx.config import NAMMConfig
+from namm_mlx.convert import CONVERSION_ERRORS
+
+errors.register(*CONVERSION_ERRORS, CheckpointError, *ev.EVOLVE_ERRORS, ev.FitnessError)
+
+
+def _options(pairs: List[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ev.FitnessError(f"--fitness-arg expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+@app.command()
+def evolve(
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Run folder: checkpoint, log.jsonl and the current NAMM (DIR/namm).",
+        show_default=False,
+    ),
+    generations: Optional[int] = typer.Option(
+        None, "--generations", "-g", min=0, metavar="N",
+        help="Total generations to reach (default 100; when resuming, the run's target).", show_default=False,
+    ),
+    pop_size: Optional[int] = typer.Option(
+        None, "--pop-size", min=4, metavar="N", help="Population size (default 16; the paper used 32).",
+        show_default=False,
+    ),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (default 0).", show_default=False),
+    separable: Optional[bool] = typer.Option(
+        None, "--separable/--full-covariance",
+        help="Diagonal covariance (sep-CMA-ES, O(n)) instead of the reference's full one (default: full).",
+        show_default=False,
+    ),
+    sigma: Optional[float] = typer.Option(
+        None, "--sigma", min=0.0, help="Initial step size (default 0.065, the reference's).", show_default=False
+    ),
+    eig_every: Optional[int] = typer.Option(
+        None, "--eig-every", min=1, metavar="K",
+        help="Full covariance: eigendecompose every K generations (default 1, like the reference; "
+        "~10 s each for 4,172 parameters).", show_default=False,
+    ),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", metavar="PATH",
+        help="Start from a NAMM folder or a reference ckpt.pt (its mean and normalisation buffers; "
+        "the CMA-ES state starts fresh).", show_default=False,
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last generation."),
+    export: Optional[Path] = typer.Option(
+        None, "--export", metavar="DIR", help="Write the run's current mean as a NAMM folder to DIR and exit.",
+        show_default=False,
+    ),
+    fitness: Optional[str] = typer.Option(
+        None, "--fitness", metavar="NAME",
+        help="Objective: 'synthetic' (smoke test, no model); 'likelihood' and 'generation' arrive with "
+        "the evaluation harness. Default when resuming: the run's.", show_default=False,
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="M", help="Language model the fitness evaluates with.", show_default=False
+    ),
+    fitness_arg: List[str] = typer.Option(
+        [], "--fitness-arg", metavar="KEY=VALUE", help="Option for the fitness function (repeatable).",
+        show_default=False,
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+) -> None:
+    """Evolve a NAMM with CMA-ES; every generation is checkpointed (resume with --resume)."""
+    with errors.user_errors():
+        if export is not None:
+            _export(out, export)
+            return
+        _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_from, resume,
+             fitness, model, fitness_arg, quiet)
+
+
+def _export(run_dir: Path, target: Path) -> None:
+    if not ev.Collective().is_root:
+        return
+    namm = ev.export_run(run_dir, target)
+    meta = namm.metadata
+    fitness = f", fitness {meta['fitness']}" if "fitness" in meta else ""
+    print(f"wrote {target} from {run_dir}: generation {meta['generation']}{fitness}")
+
+
+def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_from, resume,
+         fitness, model, fitness_arg, quiet) -> None:
+    collective = ev.Collective()
+    config = NAMMConfig()
+    stored, error = None, None
+    if resume and collective.is_root and (out / "state.npz").is_file():
+        try:
+            stored = ev.load_run(out).run.get("metadata", {})
+        except ev.EvolveError as err:
+            error = err
+    # Every rank needs the objective and its options; a resumed run's are stored on rank 0 only.
+    if resume and collective.size > 1:
+        payload = json.dumps(stored).encode() if collective.is_root else None
+        raw = collective.share_from_root(payload, str(error) if error is not None else None)
+        if not collective.is_root:
+            stored = json.loads(raw.decode())
+    if error is not None:
+        raise error
+    has_run = stored is not None
+    stored = stored or {}
+    options = _options(fitness_arg)
+    if fitness is None:
+        fitness = stored.get("objective")
+        if fitness is None:
+            raise ev.FitnessError(f"choose an objective with --fitness (available: {', '.join(sorted(ev.FITNESS))})")
+        if not fitness_arg and stored.get("objective_args"):
+            options = json.loads(stored["objective_args"])
+        if model is None:
+            model = stored.get("model") or None
+    fitness_fn = ev.make_fitness(fitness, config.param_size, model=model, options=options)
+
+    metadata = {"objective": fitness, "objective_args": _json(options)}
+    if model:
+        metadata["model"] = model
+    if generations is None and not has_run:
+        generations = 100
+    world = f" on {collective.size} processes" if collective.size > 1 else ""
+    result = ev.evolve(
+        stages=[ev.Stage(fitness, generations, fitness_fn)],
+        out_dir=out,
+        pop_size=pop_size,
+        seed=seed,
+        init_from=init_from,
+        separable=separable,
+        resume=resume,
+        progress=not quiet,
+        sigma=sigma,
+        eig_every=eig_every,
+        group=collective,
+        metadata=metadata,
+        namm_config=config,
+    )
+    if collective.is_root:
+        last = result.last
+        summary = f"best {last['best']:.6g}, mean {last['mean']:.6g}, " if last else ""
+        print(
+            f"{out}: generation {result.generation}/{result.generations}{world}, {summary}"
+            f"sigma {result.sigma:.4g}; NAMM at {result.namm_dir}"
+        )
+
+
+def _json(options: dict[str, str]) -> str:
+    return json.dumps(options, sort_keys=True)
