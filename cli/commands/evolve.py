@@ -76,8 +76,8 @@ def evolve(
     ),
     fitness: Optional[str] = typer.Option(
         None, "--fitness", metavar="NAME",
-        help="Objective: 'synthetic' (smoke test, no model); 'likelihood' and 'generation' arrive with "
-        "the evaluation harness. Default when resuming: the run's.", show_default=False,
+        help="Objective: 'likelihood' (answer likelihood under the evicted cache minus a memory "
+        "penalty; see --fitness-arg) or 'synthetic' (smoke test, no model). Default when resuming: the run's.", show_default=False,
     ),
     model: Optional[str] = typer.Option(
         None, "--model", metavar="M", help="Language model the fitness evaluates with.", show_default=False
@@ -137,6 +137,7 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
             model = stored.get("model") or None
     fitness_fn = ev.make_fitness(fitness, config.param_size, model=model, options=options)
 
+    norm = _shared_normalisation(fitness_fn, out, init_from, has_run, collective)
     metadata = {"objective": fitness, "objective_args": _json(options)}
     if model:
         metadata["model"] = model
@@ -149,6 +150,7 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         pop_size=pop_size,
         seed=seed,
         init_from=init_from,
+        norm=norm,
         separable=separable,
         resume=resume,
         progress=not quiet,
@@ -165,6 +167,24 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
             f"{out}: generation {result.generation}/{result.generations}{world}, {summary}"
             f"sigma {result.sigma:.4g}; NAMM at {result.namm_dir}"
         )
+
+
+def _shared_normalisation(fitness_fn, out: Path, init_from: Optional[Path], has_run: bool, collective):
+    """Make a model-based fitness score members with the normalisation buffers the
+    exported NAMMs carry: the resumed run's, the --init-from NAMM's, or (fresh run)
+    its own calibration, which is then handed to the trainer. None for others."""
+    if not hasattr(fitness_fn, "calibrate"):
+        return None
+    if has_run:
+        state = ev.load_run(out)
+        fitness_fn.norm = (state.norm_mean, state.norm_var, None)
+        return None
+    if init_from is not None:
+        init = ev.load_init(init_from)
+        fitness_fn.norm = (init.norm_mean, init.norm_var, None)
+        return None
+    mean, var, _ = fitness_fn.calibrate()  # deterministic: every rank gets the same
+    return mean, var
 
 
 def _json(options: dict[str, str]) -> str:

@@ -160,12 +160,19 @@ def _float_option(opts: Mapping[str, str], key: str, default: float, positive: b
     return value
 
 
-#: ``--fitness`` name -> factory ``(n=..., model=..., options=...) -> fitness_fn``.
-FITNESS: dict[str, FitnessFactory] = {"synthetic": synthetic_fitness}
+def likelihood_fitness(n: int = 4172, model: str | None = None, options: Mapping[str, str] | None = None) -> FitnessFn:
+    """Relative answer likelihood under the evicted cache minus a memory penalty
+    (:mod:`namm_mlx.evolve.likelihood`; imported lazily, it loads a language model)."""
+    from .likelihood import likelihood_fitness as factory
 
-#: Objectives that will register once the evaluation harness (``namm_mlx.eval``) lands.
+    return factory(n=n, model=model, options=options)
+
+
+#: ``--fitness`` name -> factory ``(n=..., model=..., options=...) -> fitness_fn``.
+FITNESS: dict[str, FitnessFactory] = {"synthetic": synthetic_fitness, "likelihood": likelihood_fitness}
+
+#: Objectives not implemented yet.
 PLANNED: dict[str, str] = {
-    "likelihood": "log-likelihood of the reference answers under the NAMM-evicted KV cache",
     "generation": "task score of greedily generated answers, normalised by the full-cache score (spec §7.2)",
 }
 

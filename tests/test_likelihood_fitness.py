@@ -1,0 +1,45 @@
+"""The likelihood fitness on the real default model (short items to stay fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from namm_mlx.evolve.fitness import FitnessError, make_fitness
+
+TEXT = str(Path(__file__).parent / "data" / "pride_and_prejudice.txt")
+
+
+@pytest.fixture(scope="module")
+def fitness():
+    options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1", "tasks": "passkey"}
+    return make_fitness("likelihood", 4172, options=options)
+
+
+def test_calibration_pools_ema_statistics(fitness):
+    mean, var, count = fitness.calibrate()
+    assert mean.shape == var.shape == (17,) and (var > 0).all() and np.isfinite(mean).all()
+    # One NAMM step at 512 tokens: 30 layers x 3 KV heads x 512 slots.
+    assert count[0] == 30 * 3 * 512
+
+
+def test_zero_namm_matches_full_cache_and_penalty_applies(fitness):
+    items = fitness.items_for(1)
+    assert items == fitness.items_for(1) and len(items) == 1
+    zero = fitness.evaluate(np.zeros(4172), items)
+    assert zero["quality"] == pytest.approx(1.0, abs=1e-6) and zero["kept_fraction"] == 1.0
+    assert zero["fitness"] == pytest.approx(1.0 - fitness.memory_penalty)
+    member = np.random.default_rng(0).normal(0, 0.065, 4172)
+    first, second = fitness.evaluate(member, items), fitness.evaluate(member, items)
+    assert first == second, "a member's fitness is deterministic"
+    assert first["kept_fraction"] < 1.0
+    assert first["fitness"] == pytest.approx(first["quality"] - fitness.memory_penalty * first["kept_fraction"])
+
+
+def test_bad_options_are_one_line():
+    with pytest.raises(FitnessError, match="unknown option"):
+        make_fitness("likelihood", 4172, options={"bogus": "1"})
+    with pytest.raises(FitnessError, match="unknown task"):
+        make_fitness("likelihood", 4172, options={"tasks": "nope"})
