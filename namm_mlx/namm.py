@@ -303,6 +303,9 @@ class _atomic_path:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shipped weights
             os.replace(self.tmp, self.target)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -3,3 +3,5 @@ from . import convert  # noqa: F401
 from . import data  # noqa: F401
 from . import chat  # noqa: F401
 from . import serve  # noqa: F401
+from . import evolve  # noqa: F401
+from . import eval  # noqa: F401
