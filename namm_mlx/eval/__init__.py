@@ -1,0 +1,98 @@
+"""Evaluation: synthetic long-context tasks from real texts, LongBench JSONL
+files, LongBench's metrics, every eviction policy at matched budgets, and an
+answer-likelihood score for cheap evolution fitness.
+
+Entry points: ``namm eval`` (``cli/commands/eval.py``), :func:`run_eval`,
+:func:`make_items`, :func:`load_jsonl`, :func:`score_prediction`,
+:func:`answer_logprob` / :func:`answer_logprobs`.
+"""
+
+from .likelihood import LogProb, answer_logprob, answer_logprobs, full_cache_factory, prefill, reference_answer
+from .longbench import DataFileError, load_jsonl
+from .metrics import (
+    DATASET2MAXLEN,
+    DATASET2METRIC,
+    TASK_METRICS,
+    classification_score,
+    code_sim_score,
+    count_score,
+    fuzz_ratio,
+    max_new_tokens,
+    metric_for,
+    normalize_answer,
+    qa_f1_score,
+    qa_f1_zh_score,
+    retrieval_score,
+    retrieval_zh_score,
+    rouge_l_score,
+    rouge_zh_score,
+    score_prediction,
+    substring_match,
+)
+from .prompts import middle_truncate, prompt_tokens
+from .runner import (
+    Budget,
+    EvalError,
+    PolicyRun,
+    effective_budget,
+    format_table,
+    matched_budgets,
+    parse_budgets,
+    pending_pairs,
+    plan_runs,
+    read_predictions,
+    run_eval,
+    summarize,
+    write_results,
+)
+from .tasks import DEFAULT_DEPTHS, TASK_NAMES, TaskError, TextSource, make_item, make_items
+
+__all__ = [
+    "Budget",
+    "DATASET2MAXLEN",
+    "DATASET2METRIC",
+    "DEFAULT_DEPTHS",
+    "DataFileError",
+    "EvalError",
+    "LogProb",
+    "PolicyRun",
+    "TASK_METRICS",
+    "TASK_NAMES",
+    "TaskError",
+    "TextSource",
+    "answer_logprob",
+    "answer_logprobs",
+    "classification_score",
+    "code_sim_score",
+    "count_score",
+    "effective_budget",
+    "format_table",
+    "full_cache_factory",
+    "fuzz_ratio",
+    "load_jsonl",
+    "make_item",
+    "make_items",
+    "matched_budgets",
+    "max_new_tokens",
+    "metric_for",
+    "middle_truncate",
+    "normalize_answer",
+    "parse_budgets",
+    "pending_pairs",
+    "plan_runs",
+    "prefill",
+    "prompt_tokens",
+    "qa_f1_score",
+    "qa_f1_zh_score",
+    "read_predictions",
+    "reference_answer",
+    "retrieval_score",
+    "retrieval_zh_score",
+    "rouge_l_score",
+    "rouge_zh_score",
+    "run_eval",
+    "score_prediction",
+    "substring_match",
+    "summarize",
+    "write_results",
+]
