@@ -73,11 +73,11 @@ def test_generate_finds_planted_fact(tmp_path, namm_dir):
     assert "7314" in second.stdout, second.stdout
 
 
-def test_chat_answers_two_questions_without_rereading(tmp_path, namm_dir):
+def test_chat_answers_two_questions_without_rereading(tmp_path):
     doc = document(tmp_path, 6000)
     saved = tmp_path / "session.safetensors"
     questions = f"What is the secret code of the library?\n/stats\nWho is the author of the passage?\n/save {saved}\n/quit\n"
-    result = run_namm("chat", "--doc", str(doc), "--namm", str(namm_dir), "--max-tokens", "24", stdin=questions)
+    result = run_namm("chat", "--doc", str(doc), "--max-tokens", "24", stdin=questions)  # embedded defaults
     assert result.returncode == 0, result.stderr
     assert "7314" in result.stdout
     turns = [int(n) for n in re.findall(r"\[turn: (\d+) new prompt tokens", result.stderr)]
