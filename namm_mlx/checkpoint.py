@@ -110,8 +110,8 @@ class _Sealed:
         )
 
 
-class _StorageKind(_Sealed):
-    """Stand-in for ``torch.FloatStorage`` & co.: knows the element type on disk."""
+class _ElementType(_Sealed):
+    """Common part of the storage and dtype stand-ins: a name and the element type on disk."""
 
     __slots__ = ("name", "dtype", "bfloat16")
 
@@ -124,18 +124,17 @@ class _StorageKind(_Sealed):
         return f"torch.{self.name}"
 
 
-class _TorchDType(_Sealed):
+class _StorageKind(_ElementType):
+    """Stand-in for ``torch.FloatStorage`` & co. (a distinct type from dtypes, so a
+    pickle cannot pass a dtype where a storage is expected)."""
+
+    __slots__ = ()
+
+
+class _TorchDType(_ElementType):
     """Stand-in for ``torch.uint16`` & co., used with ``_rebuild_tensor_v3``."""
 
-    __slots__ = ("name", "dtype", "bfloat16")
-
-    def __init__(self, name: str, dtype: str, bfloat16: bool = False) -> None:
-        self.name = name
-        self.dtype = np.dtype(dtype)
-        self.bfloat16 = bfloat16
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
+    __slots__ = ()
 
 
 class _NumpyDType(_Sealed):
