@@ -88,11 +88,16 @@ def _prefill(session: DocumentSession, document: str, snapshot: bool) -> None:
     )
 
 
-def _answer(session: DocumentSession, question: str, max_tokens: int, temp: float, top_p: float) -> None:
+def _answer(
+    session: DocumentSession, question: str, max_tokens: int, temp: float, top_p: float, stats: bool = True
+) -> None:
+    """Stream the answer to stdout, then (with ``stats``) one statistics line to stderr."""
     sampler = make_sampler(temp=temp, top_p=top_p)
     for text in session.ask(question, max_tokens=max_tokens, sampler=sampler):
         print(text, end="", flush=True)
     print()
+    if not stats:
+        return
     t = session.last_turn
     print(
         f"[turn: {t.prefill_tokens} new prompt tokens, {t.generated_tokens} generated at {t.generation_tps:.1f} tok/s; "
@@ -211,17 +216,7 @@ def generate(
             _prefill(session, document, snapshot=False)
             if prompt_cache_file:
                 print(f"saved prefilled document to {session.save(prompt_cache_file)}", file=sys.stderr)
-        sampler = make_sampler(temp=temp, top_p=top_p)
-        for text in session.ask(question, max_tokens=max_tokens, sampler=sampler):
-            print(text, end="", flush=True)
-        print()
-        if verbose:
-            t = session.last_turn
-            print(
-                f"[{t.prefill_tokens} new prompt tokens; {t.generated_tokens} generated at {t.generation_tps:.1f} tok/s; "
-                f"kept fraction {session.kept_fraction():.2f}; peak {t.peak_memory_gb:.2f} GB]",
-                file=sys.stderr,
-            )
+        _answer(session, question, max_tokens, temp, top_p, stats=verbose)
 
 
 def _resume(path: Path, doc, model, namm, no_namm, max_kv_size, prefill_step_size) -> DocumentSession:
