@@ -55,6 +55,9 @@ class EvictionContext:
     state: list[mx.array]
     queries: mx.array | None = None  # [B, Hq, n, D] buffered queries, newest last
     scale: float | None = None
+    #: how many of the newest buffered queries no earlier step has seen (the
+    #: rest were retained across a step for a scorer's ``retain_queries``)
+    new_queries: int = 0
 
     def attention(self, rows: int | None = None, dtype: str = "float32") -> mx.array:
         """GQA-averaged attention ``[B, H, rows, N]`` of the newest ``rows``
@@ -85,7 +88,10 @@ class Scorer(Protocol):
     Attributes: ``interval`` (tokens between steps), ``granularity`` (a step
     needs a multiple of this many new tokens), ``needs_queries`` (buffer the
     queries so ``EvictionContext.attention`` works) and optionally
-    ``query_rows`` (only the newest this many queries are ever needed).
+    ``query_rows`` (only the newest this many queries are ever needed) and
+    ``retain_queries`` (keep the newest this many queries across a step that
+    evicted nothing, so a later one-shot policy forked from this cache still
+    sees the prompt's last queries; see :meth:`EvictingKVCache.fork`).
     """
 
     interval: int
@@ -144,6 +150,7 @@ class EvictingKVCache(_BaseCache):
         self.last_step_offset = 0  # offset at the last eviction step
         self.queries: mx.array | None = None  # [B, Hq, capacity, D]
         self.num_queries = 0
+        self.counted_queries = 0  # oldest buffered queries an earlier step already saw
         self.scale: float | None = None
         self.steps = 0
         self._awaiting_attention = False
@@ -216,6 +223,7 @@ class EvictingKVCache(_BaseCache):
         rows = getattr(self.scorer, "query_rows", None)
         if rows is not None and self.num_queries >= 2 * rows + self.step:
             self.queries = self.queries[:, :, self.num_queries - rows : self.num_queries]
+            self.counted_queries = max(0, self.counted_queries - (self.num_queries - rows))
             self.num_queries = rows
 
     def _step_due(self) -> bool:
@@ -262,6 +270,7 @@ class EvictingKVCache(_BaseCache):
             state=self.scorer_state,
             queries=None if self.queries is None else self.queries[:, :, : self.num_queries],
             scale=self.scale,
+            new_queries=self.num_queries - self.counted_queries,
         )
         result = self.scorer.score(context)
         keep = min(self.length if result.keep is None else result.keep, self.keep_limit())
@@ -276,9 +285,47 @@ class EvictingKVCache(_BaseCache):
             self.kept_positions = positions
             self.scorer_state = list(result.state)
         self.last_step_offset = self.offset
-        self.num_queries = 0
+        # Retained queries stay aligned with the last slots only when nothing
+        # was evicted, so they are kept only then.
+        retain = min(getattr(self.scorer, "retain_queries", 0), self.num_queries) if keep >= self.length else 0
+        if retain:
+            self.queries = self.queries[:, :, self.num_queries - retain : self.num_queries]
+        self.num_queries = self.counted_queries = retain
         self.steps += 1
-        mx.eval(self.keys, self.values, self.kept_positions, self.scorer_state)
+        mx.eval(self.keys, self.values, self.kept_positions, self.scorer_state, self.queries)
+
+    def fork(
+        self, scorer: Scorer, max_kv_size: int | None = None, keep_fraction: float | None = None
+    ) -> "EvictingKVCache":
+        """A new cache holding this one's tokens and buffered queries, under
+        ``scorer`` and its own budget; this cache is left untouched.
+
+        One prefill can then serve many one-shot policies (the evaluation forks
+        one full prefill per policy and budget and runs ``evict_now`` on each).
+        The scorer state is carried only to a scorer of the same policy (an
+        H2O fork continues the attention sums an H2O prefill accumulated);
+        other baselines need none, and H2O starts a foreign fork from zero sums.
+        """
+        rows = getattr(scorer, "query_rows", None)
+        if scorer.needs_queries and rows is not None and self.num_queries < min(rows, self.offset):
+            raise ValueError(
+                f"the fork's scorer needs the last {rows} queries but only {self.num_queries} are buffered: "
+                f"give the source scorer retain_queries >= {rows}"
+            )
+        other = EvictingKVCache(scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction)
+        live = lambda a, n: None if a is None else a[:, :, :n]  # noqa: E731  (new arrays: no shared writes)
+        other.keys, other.values = live(self.keys, self.length), live(self.values, self.length)
+        other.queries = live(self.queries, self.num_queries) if scorer.needs_queries else None
+        other.num_queries = self.num_queries if other.queries is not None else 0
+        other.counted_queries = self.counted_queries if other.queries is not None else 0
+        other.offset, other.length = self.offset, self.length
+        other.kept_positions = self.kept_positions
+        other.last_step_offset, other.steps, other.scale = self.last_step_offset, self.steps, self.scale
+        same_policy = scorer.spec().get("policy") == self.scorer.spec().get("policy")
+        if not same_policy and self.scorer_state and getattr(scorer, "name", "") == "namm":
+            raise ValueError("a NAMM needs its own carried state: fork a NAMM cache only from a NAMM cache")
+        other.scorer_state = list(self.scorer_state) if same_policy else []
+        return other
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> Any:
         if window_size is not None:
@@ -301,6 +348,7 @@ class EvictingKVCache(_BaseCache):
         self.length -= n
         self.offset -= n
         self.num_queries = max(0, self.num_queries - n)
+        self.counted_queries = min(self.counted_queries, self.num_queries)
         return n
 
     def size(self) -> int:
@@ -334,6 +382,7 @@ class EvictingKVCache(_BaseCache):
                 "length": self.length,
                 "last_step_offset": self.last_step_offset,
                 "num_queries": self.num_queries,
+                "counted_queries": self.counted_queries,
                 "scale": self.scale,
                 "steps": self.steps,
                 "max_kv_size": self.max_kv_size,
@@ -351,6 +400,7 @@ class EvictingKVCache(_BaseCache):
         self.length = meta["length"]
         self.last_step_offset = meta["last_step_offset"]
         self.num_queries = meta["num_queries"]
+        self.counted_queries = meta.get("counted_queries", 0)
         self.scale = meta["scale"]
         self.steps = meta["steps"]
         self.max_kv_size = meta["max_kv_size"]
@@ -399,17 +449,19 @@ class EvictingKVCache(_BaseCache):
         return obj
 
 
-def evict_now(caches: list[Any]) -> int:
+def evict_now(caches: list[Any], force: bool = False) -> int:
     """Run a step on every evicting layer that holds new tokens, off-cadence.
 
-    For one-shot policies (SnapKV compresses right after the prompt) and for
-    callers that want a budget enforced now. Returns the number of layers
-    stepped. The NAMM itself needs a multiple of its hop in new tokens; layers
-    where that does not hold are skipped.
+    For one-shot policies (compressing right after the prompt) and for
+    callers that want a budget enforced now. ``force`` also steps layers with
+    no new tokens (a fork of a cache whose last step fell on the prompt's
+    end still has its budget to apply). Returns the number of layers stepped.
+    The NAMM itself needs a multiple of its hop in new tokens; layers where
+    that does not hold are skipped.
     """
     stepped = 0
     for cache in caches:
-        if not isinstance(cache, EvictingKVCache) or cache.n_new == 0:
+        if not isinstance(cache, EvictingKVCache) or (cache.n_new == 0 and not force):
             continue
         if cache.n_new % cache.scorer.granularity:
             continue

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import mlx_lm
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from .cache import EvictingKVCache
+from .prefill import prefill
 
 DOCUMENT_TEMPLATE = "Read the following document and answer questions about it.\n\n{document}\n\n{question}"
 _SENTINEL = "\ue000QUESTION\ue000"
@@ -98,14 +100,9 @@ class DocumentSession:
         """Run ``tokens`` through the model into the cache, in chunks whose
         boundaries sit on multiples of ``prefill_step_size`` absolute tokens.
         Returns the seconds spent."""
-        start, done, step = time.perf_counter(), 0, self.prefill_step_size
-        while done < len(tokens):
-            n = min(step - self.offset % step, len(tokens) - done)
-            self.model(mx.array([tokens[done : done + n]]), cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-            done += n
-            if progress:
-                progress(done, len(tokens), self)
+        start = time.perf_counter()
+        report = (lambda done, total: progress(done, total, self)) if progress else None
+        prefill(self.model, self.cache, tokens, self.prefill_step_size, on_chunk=report)
         mx.clear_cache()
         return time.perf_counter() - start
 
@@ -364,8 +361,11 @@ class ModelLoadError(ValueError):
     """The model could not be loaded; the message says what was tried."""
 
 
-def load_mlx_model(path: str, model_config: dict[str, Any] | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_mlx_model(
+    path: str | os.PathLike, model_config: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """``mlx_lm.load`` returning the config too, with one-line errors."""
+    path = os.fspath(path)
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".gguf")
     if looks_local and not Path(path).expanduser().exists():
         raise ModelLoadError(f"no model at {path} (give a local mlx-lm folder, a .gguf file or a hub id)")

@@ -4,6 +4,7 @@ budget matching, the PNG writer and the answer likelihood (tiny random model).""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -315,15 +316,17 @@ def test_match_namm_budget_derivation():
     assert matched["needle"] == pytest.approx({"kept_fraction": 0.6, "step_kept_fraction": 0.5, "n": 2})
     assert matched["chapter"]["step_kept_fraction"] == 1.0  # never stepped: its end-of-prompt value
     match = Budget(match="namm")
-    # periodic baselines cap the kept share at each step -> the NAMM's step value
-    assert effective_budget(PolicyRun("knorm", match), "needle", matched) == (pytest.approx(0.5), None)
-    # one-shot SnapKV has no unevicted tail -> the NAMM's end-of-prompt value
-    assert effective_budget(PolicyRun("snapkv", match), "needle", matched) == (pytest.approx(0.6), None)
+    # online baselines cap the kept share at each step -> the NAMM's step value
+    assert effective_budget(PolicyRun("knorm", match), "needle", matched, "online") == (pytest.approx(0.5), None)
+    # one-shot baselines (SnapKV always, every baseline by default) have no
+    # unevicted tail -> the NAMM's end-of-prompt value
+    assert effective_budget(PolicyRun("snapkv", match), "needle", matched, "online") == (pytest.approx(0.6), None)
+    assert effective_budget(PolicyRun("knorm", match), "needle", matched) == (pytest.approx(0.6), None)
     assert effective_budget(PolicyRun("h2o", Budget(max_kv_size=256)), "needle", matched) == (None, 256)
     assert effective_budget(PolicyRun("full"), "needle", matched) == (None, None)
     overall = matched_budgets(records, scope="overall")
     assert overall["*"]["kept_fraction"] == pytest.approx(0.7333, abs=1e-3)
-    assert effective_budget(PolicyRun("knorm", match), "anything", overall)[0] == pytest.approx((0.4 + 0.6 + 1.0) / 3)
+    assert effective_budget(PolicyRun("knorm", match), "anything", overall, "online")[0] == pytest.approx((0.4 + 0.6 + 1.0) / 3)
     with pytest.raises(EvalError, match="no NAMM results"):
         effective_budget(PolicyRun("knorm", match), "passkey", matched)
 
@@ -346,12 +349,15 @@ def test_pending_pairs_skip_recorded(tmp_path):
     items = _items()
     runs = [PolicyRun("full"), PolicyRun("knorm", Budget(keep_fraction=0.5))]
     done = [_record(items[0], runs[0]), _record(items[2], runs[1])]
-    todo = pending_pairs(items, runs, done)
+    todo = pending_pairs(items, runs, done, "online")
     assert [(r.label, i["_id"]) for r, i in todo] == [
         ("full", "t-1"), ("full", "t-2"), ("knorm@0.5", "t-0"), ("knorm@0.5", "t-1")]
     # an item whose content changed is not skipped even with the same id
     changed = dict(items[0], context="other")
-    assert pending_pairs([changed], runs[:1], done) == [(runs[0], changed)]
+    assert pending_pairs([changed], runs[:1], done, "online") == [(runs[0], changed)]
+    # the same pair under the other baseline schedule is a different result
+    assert [(r.label, i["_id"]) for r, i in pending_pairs(items, runs[1:], done, "prompt")] == [
+        ("knorm@0.5", "t-0"), ("knorm@0.5", "t-1"), ("knorm@0.5", "t-2")]
 
 
 def test_resume_from_predictions(tmp_path, monkeypatch):
@@ -373,7 +379,9 @@ def test_resume_from_predictions(tmp_path, monkeypatch):
         return _record(item, run, score=0.5, kept=kw["keep_fraction"] or 1.0)
 
     monkeypatch.setattr(runner, "evaluate_item", fake_evaluate)
-    results = runner.run_eval(None, None, items, runs, tmp_path, progress=False, log=lambda m: None)
+    results = runner.run_eval(
+        None, None, items, runs, tmp_path, progress=False, log=lambda m: None, baseline_eviction="online"
+    )
     evaluated = [c for c in calls if c[0] != "attach"]
     assert evaluated == [("t-1", "full"), ("t-2", "full"), ("t-0", "knorm@0.5"), ("t-2", "knorm@0.5")]
     assert ("attach", "knorm", {"max_kv_size": None, "keep_fraction": 0.5}) in calls
@@ -387,7 +395,7 @@ def test_resume_from_predictions(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["by_task"] == results["by_task"]
     # a second run has nothing left to do
     calls.clear()
-    runner.run_eval(None, None, items, runs, tmp_path, progress=False, log=lambda m: None)
+    runner.run_eval(None, None, items, runs, tmp_path, progress=False, log=lambda m: None, baseline_eviction="online")
     assert calls == []
 
 
@@ -482,3 +490,39 @@ def test_answer_logprob_matches_one_forward():
     finally:
         detach(model)
     assert seen == [3] and abs(snap - float(full)) > 1e-3
+
+
+# --------------------------------------------------------------------------- shared prefill
+
+
+def test_shared_prefill_matches_each_policy_own_prefill(tmp_path, tokenizer, source):
+    """One prefill forked per policy gives the records each one-shot policy gets
+    from its own prefill (SnapKV, TOVA, KNorm, streaming: identical arithmetic,
+    so identical answers), with the budget applied and the full cache intact."""
+    import namm_mlx
+    from namm_mlx.models import default_model_path
+    from namm_mlx.policies import make_scorer
+    from namm_mlx.session import load_mlx_model
+
+    model, tok, _ = load_mlx_model(default_model_path())
+    (item,) = make_items(["passkey"], [700], 1, 3, source, tok)
+    budget = Budget(keep_fraction=0.3)
+    policies = ["snapkv", "tova", "knorm", "streaming"]
+    runs = [PolicyRun("full")] + [PolicyRun(p, budget) for p in policies]
+    results = runner.run_eval(model, tok, [item], runs, tmp_path, progress=False, log=lambda m: None, max_tokens=8)
+    records = {r["policy"]: r for r in read_predictions(tmp_path / "predictions.jsonl")}
+    assert set(records) == {"full", *policies} and results["complete"]
+    assert records["full"]["kept_fraction"] == 1.0
+    prompt_len = records["full"]["prompt_tokens"]
+    for policy in policies:
+        r = records[policy]
+        assert r["eviction"] == "prompt" and r["prefill_tps"] == records["full"]["prefill_tps"]
+        assert r["kept_fraction"] == pytest.approx(math.ceil(0.3 * (prompt_len - 1)) / (prompt_len - 1), abs=1e-9)
+        namm_mlx.attach(model, make_scorer(policy, interval=None), keep_fraction=0.3)
+        try:
+            prompt, _, limit = runner._prepare(tok, item, None, 8, None)
+            own = runner.generate_answer(model, tok, prompt, limit, one_shot=True)
+        finally:
+            namm_mlx.detach(model)
+        assert own["prediction"] == r["prediction"], policy
+        assert own["kept_fraction"] == r["kept_fraction"], policy

@@ -326,6 +326,14 @@ def test_trainer_exports_namm_and_rejects_bad_fitness(tmp_path):
     assert float(meta["fitness"]) == read_log(tmp_path / "run")[-1]["mean"] and meta["objective"] == "synthetic"
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["generation"] == 3 and state["pop_size"] == 8
+    # the fitness curve is redrawn from the log: three generations, three lines
+    from namm_mlx.eval.plot import FITNESS_RGB, decode_png
+
+    width, height, rows = decode_png((tmp_path / "run" / "fitness.png").read_bytes())
+    assert (width, height) == (720, 440)
+    pixels = [p for row in rows for p in row[:550]]  # left of the legend
+    for name, rgb in FITNESS_RGB.items():
+        assert pixels.count(rgb) >= 3 * 40, name  # three 7x7 markers at least
 
     def broken(members, ids):
         return [{"fitness": math.nan}] * len(ids)

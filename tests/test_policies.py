@@ -327,3 +327,52 @@ def test_streaming_keeps_exactly_sinks_and_most_recent_in_a_model():
         assert c.steps == 3 and c.length == 24 + 4
         positions = np.asarray(c.kept_positions)
         assert (positions == expected).all()
+
+
+# ------------------------------------------- one-shot policies on a shared prefill
+ONE_SHOT_POLICIES = {
+    "h2o": dict(recent_window=4),
+    "snapkv": dict(window=8),
+    "tova": {},
+    "knorm": {},
+    "streaming": dict(sinks=2),
+    "random": dict(seed=3),
+}
+
+
+@pytest.mark.parametrize("n_tokens", [96, 100])  # the recorder's last step at the prompt's end, or before it
+@pytest.mark.parametrize("name", sorted(ONE_SHOT_POLICIES))
+def test_fork_of_a_shared_prefill_equals_the_policy_own_prefill(name, n_tokens):
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((1, H, n_tokens, D)).astype(np.float32) / 3
+    queries = rng.standard_normal((1, H, n_tokens, D)).astype(np.float32) / 3
+    params = ONE_SHOT_POLICIES[name]
+    # The policy's own one-shot run: prefill without eviction, then compress once.
+    own = EvictingKVCache(make_scorer(name, interval=None, **params), keep_fraction=0.4)
+    feed(own, keys, queries, 0, n_tokens, INTERVAL)
+    assert own.steps == 0 and evict_now([own]) == 1
+    # The shared prefill: an unbudgeted H2O that steps (and evicts nothing) every
+    # INTERVAL tokens, retaining the last queries; then a fork per policy.
+    shared = EvictingKVCache(H2OScorer(recent_window=4, interval=INTERVAL, retain_queries=8))
+    feed(shared, keys, queries, 0, n_tokens, INTERVAL)
+    assert shared.steps == n_tokens // INTERVAL and shared.length == n_tokens
+    before = np.asarray(shared.keys[:, :, :n_tokens])
+    fork = shared.fork(make_scorer(name, interval=None, **params), keep_fraction=0.4)
+    assert evict_now([fork], force=True) == 1
+    assert kept(fork) == kept(own)
+    assert fork.length == own.length == math.ceil(0.4 * n_tokens)
+    # the source is untouched and can serve the next fork
+    assert shared.length == n_tokens and np.array_equal(np.asarray(shared.keys[:, :, :n_tokens]), before)
+    # decoding after the one-shot step never steps again
+    feed(fork, np.concatenate([keys, keys[:, :, :40]], axis=2), np.concatenate([queries, queries[:, :, :40]], axis=2),
+         n_tokens, n_tokens + 40, 1)
+    assert fork.steps == shared.steps + 1 and fork.length == own.length + 40
+
+
+def test_fork_refuses_a_window_the_source_did_not_keep():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1, H, 64, D)).astype(np.float32)
+    shared = EvictingKVCache(H2OScorer(interval=INTERVAL, retain_queries=4))
+    feed(shared, keys, keys, 0, 64, INTERVAL)
+    with pytest.raises(ValueError, match="needs the last 8 queries but only 4"):
+        shared.fork(make_scorer("snapkv", window=8))

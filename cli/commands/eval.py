@@ -72,6 +72,11 @@ def eval_command(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="answer length for every item (default: per task / LongBench dataset)"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="prompt + answer token budget (default: the model's context)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="LongBench's config/dataset2prompt.json, for its official prompt templates"),
+    baseline_eviction: str = typer.Option(
+        "prompt", "--baseline-eviction",
+        help="'prompt': baselines compress once after the prompt (kvpress-style, one shared prefill per item); "
+        "'online': they evict every 512 tokens like the NAMM",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress line on stderr"),
 ) -> None:
     """Evaluate eviction policies: a task x policy table, results.json, predictions.jsonl and a plot."""
@@ -98,6 +103,8 @@ def eval_command(
             fail("give either --tasks (synthetic) or --data (LongBench JSONL), not both")
         if limit is not None and limit < 1:
             fail("--limit must be at least 1")
+        if baseline_eviction not in ("prompt", "online"):
+            fail(f"--baseline-eviction must be 'prompt' or 'online', got {baseline_eviction!r}")
         if policy:
             policies = _csv(policy)
         else:
@@ -156,6 +163,7 @@ def eval_command(
             "budgets": [b.label for b in budgets],
             "match": match,
             "match_scope": "task" if match else None,
+            "baseline_eviction": baseline_eviction,
             "namm": namm,
             "context_limit": context,
             "items": len(items),
@@ -166,6 +174,7 @@ def eval_command(
                 loaded, tokenizer, items, runs, out,
                 namm=namm, seed=seed, context_limit=context, max_tokens=max_tokens,
                 templates=templates, config=config_out, progress=not no_progress,
+                baseline_eviction=baseline_eviction,
             )
         except KeyboardInterrupt:
             print(f"\ninterrupted: finished pairs are in {out / 'predictions.jsonl'}; rerun the same command to resume", file=sys.stderr)
@@ -173,8 +182,11 @@ def eval_command(
         print(format_table(results))
         if results.get("matched_budgets"):
             for task, m in results["matched_budgets"].items():
-                print(f"matched budget on {task}: keep_fraction {m['step_kept_fraction']:.3f} "
-                      f"(snapkv {m['kept_fraction']:.3f}) from {m['n']} NAMM items")
+                if baseline_eviction == "prompt":
+                    print(f"matched budget on {task}: keep_fraction {m['kept_fraction']:.3f} from {m['n']} NAMM items")
+                else:
+                    print(f"matched budget on {task}: keep_fraction {m['step_kept_fraction']:.3f} "
+                          f"(snapkv {m['kept_fraction']:.3f}) from {m['n']} NAMM items")
         done = results["pairs"]
         print(f"wrote {out / 'results.json'}, {out / 'predictions.jsonl'} ({done['done']}/{done['planned']} pairs)"
               + (f", {out / results['plot']}" if results.get("plot") else ""))

@@ -7,7 +7,8 @@ Entry points: ``namm eval`` (``cli/commands/eval.py``), :func:`run_eval`,
 :func:`answer_logprob` / :func:`answer_logprobs`.
 """
 
-from .likelihood import LogProb, answer_logprob, answer_logprobs, full_cache_factory, prefill, reference_answer
+from ..prefill import prefill
+from .likelihood import LogProb, answer_logprob, answer_logprobs, full_cache_factory, reference_answer
 from .longbench import DataFileError, load_jsonl
 from .metrics import (
     DATASET2MAXLEN,

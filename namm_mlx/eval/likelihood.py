@@ -2,8 +2,8 @@
 with no generation, for evolution fitness on CPU.
 
 The prompt is prefilled through the cache in chunks aligned to 512 absolute
-tokens (as :meth:`namm_mlx.session.DocumentSession.feed`, so eviction steps fall
-where they would in a chat), then the answer tokens are teacher-forced through
+tokens (:func:`namm_mlx.prefill.prefill`, as a chat session does, so eviction
+steps fall where they would in a chat), then the answer tokens are teacher-forced through
 the same cache; the log-softmax of the logits at each answer position gives the
 answer's log-probability.
 """
@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from ..prefill import prefill
 from .prompts import encode, prompt_tokens
 
 CacheFactory = Callable[[], list[Any]]
@@ -42,32 +43,6 @@ class LogProb(float):
 
     def __reduce__(self):  # pickling (multiprocess fitness) keeps the extras
         return (LogProb, (float(self), self.tokens))
-
-
-def prefill(
-    model: Any, cache: list[Any], tokens: Sequence[int], step: int = 512, logits: str = "none"
-) -> mx.array | None:
-    """Run ``tokens`` through ``model`` into ``cache`` in chunks whose boundaries
-    sit on multiples of ``step`` absolute tokens.
-
-    logits: ``"none"``, ``"last"`` (the last position's ``[V]``) or ``"all"``
-    (``[len(tokens), V]``, float32).
-    """
-    out: list[mx.array] = []
-    done = 0
-    while done < len(tokens):
-        offset = cache[0].offset if cache else 0
-        n = min(step - offset % step, len(tokens) - done)
-        y = model(mx.array([list(tokens[done : done + n])]), cache=cache)
-        if logits == "all":
-            out.append(y[0].astype(mx.float32))
-        elif logits == "last" and done + n == len(tokens):
-            out.append(y[0, -1].astype(mx.float32))
-        mx.eval(out, [c.state for c in cache])
-        done += n
-    if logits == "none" or not out:
-        return None
-    return out[-1] if logits == "last" else mx.concatenate(out, axis=0)
 
 
 def full_cache_factory(model: Any) -> CacheFactory:

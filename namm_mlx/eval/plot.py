@@ -1,4 +1,5 @@
-"""A dependency-free PNG line plot: score against kept fraction, one line per policy.
+"""Dependency-free PNG line plots: score against kept fraction (one line per
+policy) and an evolution run's fitness per generation.
 
 Why not matplotlib: it is not a dependency of the package and an evaluation
 should not need one extra install to finish. The plot is simple enough to
@@ -14,7 +15,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 
 Color = tuple[int, int, int]
 
@@ -174,51 +175,117 @@ def _color(policy: str, i: int) -> Color:
     return POLICY_RGB.get(policy, _EXTRA[i % len(_EXTRA)])
 
 
-def render_score_vs_kept(
-    series: Mapping[str, Sequence[tuple[float, float]]], width: int = 720, height: int = 440, y_max: float | None = None
+def _nice_max(top: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k at or above ``top`` (a round axis end)."""
+    if not top > 0:
+        return 1.0
+    base = 10.0 ** math.floor(math.log10(top))
+    return next(m * base for m in (1.0, 2.0, 2.5, 5.0, 10.0) if top <= m * base * (1 + 1e-9))
+
+
+def render_lines(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    x_range: tuple[float, float],
+    y_max: float,
+    y_min: float = 0.0,
+    title: str,
+    x_label: str,
+    y_label: str,
+    colors: Mapping[str, Color] | None = None,
+    width: int = 720,
+    height: int = 440,
 ) -> Canvas:
-    """Draw ``{policy: [(kept_fraction, score), ...]}`` (x in [0, 1], y in [0, y_max])."""
+    """Draw ``{name: [(x, y), ...]}`` as polylines with square markers over
+    ``x_range`` x ``[y_min, y_max]``, with grid, ticks, a title and a legend."""
     canvas = Canvas(width, height)
     left, right, top, bottom = 64, width - 170, 40, height - 56
-    scores = [s for pts in series.values() for _, s in pts if math.isfinite(s)]
-    if y_max is None:
-        top_score = max(scores, default=0.0)
-        y_max = next((v for v in (10.0, 20.0, 25.0, 50.0, 100.0) if top_score <= v), 10 * math.ceil(top_score / 10))
+    x0, x1 = x_range
+    span = (x1 - x0) or 1.0
 
     def px(x: float) -> int:
-        return round(left + (right - left) * min(max(x, 0.0), 1.0))
+        return round(left + (right - left) * min(max((x - x0) / span, 0.0), 1.0))
 
     def py(y: float) -> int:
-        return round(bottom - (bottom - top) * min(max(y / y_max, 0.0), 1.0))
+        return round(bottom - (bottom - top) * min(max((y - y_min) / ((y_max - y_min) or 1.0), 0.0), 1.0))
 
     for i in range(6):  # grid and ticks
-        gx, gy = px(i / 5), py(y_max * i / 5)
+        x_tick = x0 + span * i / 5
+        y_tick = y_min + (y_max - y_min) * i / 5
+        gx, gy = px(x_tick), py(y_tick)
         canvas.line(gx, top, gx, bottom, GRID)
         canvas.line(left, gy, right, gy, GRID)
         canvas.line(gx, bottom, gx, bottom + 5, BLACK)
         canvas.line(left - 5, gy, left, gy, BLACK)
-        label = f"{i / 5:.1f}"
+        integral = span > 5 or all(float(x0 + span * j / 5).is_integer() for j in range(6))
+        label = f"{x_tick:.0f}" if integral and span >= 5 else f"{x_tick:.1f}"
         canvas.text(gx - Canvas.text_width(label, 2) // 2, bottom + 10, label, BLACK, 2)
-        label = f"{y_max * i / 5:g}"
+        label = f"{y_tick:.4g}"
         canvas.text(left - 10 - Canvas.text_width(label, 2), gy - 7, label, BLACK, 2)
     canvas.line(left, top, left, bottom, BLACK, 2)
     canvas.line(left, bottom, right, bottom, BLACK, 2)
-    title = "score vs kept fraction"
     canvas.text((left + right - Canvas.text_width(title, 2)) // 2, 12, title, BLACK, 2)
-    canvas.text(right - Canvas.text_width("kept", 1), bottom + 30, "kept", BLACK, 1)
-    canvas.text(8, 14, "score", BLACK, 1)
+    canvas.text(right - Canvas.text_width(x_label, 1), bottom + 30, x_label, BLACK, 1)
+    canvas.text(8, 14, y_label, BLACK, 1)
 
-    for i, (policy, points) in enumerate(series.items()):
-        color = _color(policy, i)
+    for i, (name, points) in enumerate(series.items()):
+        color = (colors or {}).get(name) or _color(name, i)
         pts = sorted((px(x), py(y)) for x, y in points if math.isfinite(x) and math.isfinite(y))
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            canvas.line(x0, y0, x1, y1, color, 2)
+        for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
+            canvas.line(xa, ya, xb, yb, color, 2)
         for x, y in pts:
             canvas.fill(x - 3, y - 3, x + 3, y + 3, color)
         ly = top + 4 + 22 * i  # legend: a coloured square and the name
         canvas.fill(right + 16, ly, right + 28, ly + 12, color)
-        canvas.text(right + 36, ly, policy[:10], BLACK, 2)
+        canvas.text(right + 36, ly, name[:10], BLACK, 2)
     return canvas
+
+
+def render_score_vs_kept(
+    series: Mapping[str, Sequence[tuple[float, float]]], width: int = 720, height: int = 440, y_max: float | None = None
+) -> Canvas:
+    """Draw ``{policy: [(kept_fraction, score), ...]}`` (x in [0, 1], y in [0, y_max])."""
+    if y_max is None:
+        top_score = max((s for pts in series.values() for _, s in pts if math.isfinite(s)), default=0.0)
+        y_max = next((v for v in (10.0, 20.0, 25.0, 50.0, 100.0) if top_score <= v), 10 * math.ceil(top_score / 10))
+    return render_lines(
+        series, x_range=(0.0, 1.0), y_max=y_max, title="score vs kept fraction", x_label="kept", y_label="score",
+        colors=POLICY_RGB, width=width, height=height,
+    )
+
+
+#: Colours of the fitness-curve lines.
+FITNESS_RGB: dict[str, Color] = {"best": (214, 39, 40), "mean": (31, 119, 180), "kept": (44, 160, 44)}
+
+
+def plot_fitness_curve(log: Iterable[Mapping[str, Any]], path: str | Path | BinaryIO) -> bool:
+    """Plot an evolution log (``log.jsonl`` records): the best and mean fitness
+    of each generation's population and its mean kept fraction, against the
+    generation, into a file path or a binary file object. False if the log is
+    empty."""
+    records = [r for r in log if "generation" in r]
+    if not records:
+        return False
+    series = {
+        "best": [(float(r["generation"]), float(r["best"])) for r in records],
+        "mean": [(float(r["generation"]), float(r["mean"])) for r in records],
+        "kept": [(float(r["generation"]), float(r["kept_fraction"])) for r in records if r.get("kept_fraction") is not None],
+    }
+    ys = [y for pts in series.values() for _, y in pts if math.isfinite(y)]
+    low = min(0.0, *ys)
+    y_min = -_nice_max(-low) if low < 0 else 0.0
+    y_max = _nice_max(max(ys)) if max(ys) > 0 else 0.0
+    first, last = float(records[0]["generation"]), float(records[-1]["generation"])
+    canvas = render_lines(
+        series, x_range=(min(first, last - 1), last), y_min=y_min, y_max=y_max, title="fitness per generation",
+        x_label="generation", y_label="fitness", colors=FITNESS_RGB,
+    )
+    data = canvas.to_png()
+    if hasattr(path, "write"):
+        path.write(data)
+    else:
+        Path(path).write_bytes(data)
+    return True
 
 
 def plot_score_vs_kept(overall: Iterable[Mapping[str, Any]], path: str | Path) -> bool:

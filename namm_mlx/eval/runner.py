@@ -1,11 +1,25 @@
 """Run evaluation items through every eviction policy and score the answers.
 
-One loop serves the synthetic tasks and LongBench JSONL files: for each policy
-run (a policy and a budget) and each item, the prompt is prefilled through fresh
-caches from ``make_prompt_cache(model)`` after :func:`namm_mlx.attach` (aligned
-512-token chunks), SnapKV gets its one-shot ``evict_now`` right after the
-prompt, and the answer is generated greedily with stock
-``mlx_lm.stream_generate`` until EOS or the task's ``max_tokens``.
+One loop serves the synthetic tasks and LongBench JSONL files. The NAMM runs
+online, as it was trained: the prompt is prefilled through fresh caches from
+``make_prompt_cache(model)`` after :func:`namm_mlx.attach` (aligned 512-token
+chunks) and it evicts every 512 tokens. The answer is generated greedily with
+stock ``mlx_lm.stream_generate`` until EOS or the task's ``max_tokens``.
+
+Baselines have two schedules (``baseline_eviction``):
+
+* ``"prompt"`` (default): each baseline compresses once, right after the
+  prompt, with the whole prompt's attention in view (how kvpress applies its
+  presses, and the strongest, question-aware setting for them). Since nothing is
+  evicted before that point, one full-cache prefill per item serves the full
+  cache and every baseline and budget: the caches are forked
+  (:meth:`EvictingKVCache.fork`) and each fork runs its policy's ``evict_now``.
+  The prefill runs an unbudgeted H2O scorer, which evicts nothing but sums the
+  attention each token receives (what an H2O fork needs) and retains the last
+  queries (what SnapKV's window and TOVA need). Their prefill tok/s and peak
+  memory are therefore those of the shared full-cache prefill.
+* ``"online"``: each baseline runs separately at the NAMM's 512-token cadence
+  (SnapKV stays one-shot).
 
 Every finished (item, run) pair is appended to ``predictions.jsonl`` at once, so
 an interrupted run resumes where it stopped: pairs already in the file are
@@ -19,7 +33,7 @@ NAMM decides how much to keep, and its mean kept fraction is reported.
 ``--match namm`` runs each baseline, per task (dataset), at the NAMM's mean
 kept fraction on that task: measured at the NAMM's last eviction step for the
 periodic baselines (so their budget caps the same quantity), and at the end of
-the prompt for one-shot SnapKV (which has no unevicted tail).
+the prompt for one-shot baselines (which have no unevicted tail).
 """
 
 from __future__ import annotations
@@ -37,14 +51,19 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 import mlx.core as mx
 
 from ..cache import EvictingKVCache, evict_now
-from .likelihood import prefill
+from ..policies.baselines import H2OScorer
+from ..prefill import prefill
 from .metrics import max_new_tokens, metric_name, score_prediction
 from .prompts import prompt_tokens
 
 #: Policies that take no budget.
 UNBUDGETED = ("full", "namm")
-#: Policies compressed once after the prompt (and only those).
+#: Policies compressed once after the prompt under the ``"online"`` schedule.
 ONE_SHOT = ("snapkv",)
+#: Baseline schedules: compress once after the prompt, or at the 512 cadence.
+BASELINE_EVICTION = ("prompt", "online")
+#: Prompt queries kept through the shared prefill (SnapKV's window, TOVA's last).
+SHARED_QUERY_ROWS = 32
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
 PLOT = "score_vs_kept.png"
@@ -161,8 +180,18 @@ def matched_budgets(records: Iterable[Mapping[str, Any]], scope: str = "task") -
     return out
 
 
+def is_one_shot(policy: str, baseline_eviction: str = "prompt") -> bool:
+    """Whether ``policy`` compresses once after the prompt under this schedule."""
+    if policy in UNBUDGETED:
+        return False
+    return baseline_eviction == "prompt" or policy in ONE_SHOT
+
+
 def effective_budget(
-    run: PolicyRun, dataset: str, matched: Mapping[str, Mapping[str, float]] | None = None
+    run: PolicyRun,
+    dataset: str,
+    matched: Mapping[str, Mapping[str, float]] | None = None,
+    baseline_eviction: str = "prompt",
 ) -> tuple[float | None, int | None]:
     """``(keep_fraction, max_kv_size)`` for ``run`` on an item of ``dataset``."""
     if run.budget is None:
@@ -171,7 +200,8 @@ def effective_budget(
         m = (matched or {}).get(dataset) or (matched or {}).get("*")
         if m is None:
             raise EvalError(f"no NAMM results on {dataset!r} to match {run.policy}'s budget to")
-        value = m["kept_fraction"] if run.policy in ONE_SHOT else m["step_kept_fraction"]
+        one_shot = is_one_shot(run.policy, baseline_eviction)
+        value = m["kept_fraction"] if one_shot else m["step_kept_fraction"]
         return min(1.0, max(value, 1e-6)), None
     return run.budget.keep_fraction, run.budget.max_kv_size
 
@@ -185,12 +215,24 @@ def item_hash(item: Mapping[str, Any]) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
 
 
-def pair_key(item_or_record: Mapping[str, Any], run: PolicyRun | None = None) -> tuple[str, str, str, str]:
-    """``(_id, item_hash, policy, budget label)`` of a record, or of an item and a run."""
+def _schedule(policy: str, baseline_eviction: str) -> str:
+    """What a pair's result depends on besides item, policy and budget."""
+    if policy in UNBUDGETED:
+        return "-" if policy == "namm" else "full"
+    return "prompt" if is_one_shot(policy, baseline_eviction) else "online"
+
+
+def pair_key(
+    item_or_record: Mapping[str, Any], run: PolicyRun | None = None, baseline_eviction: str = "prompt"
+) -> tuple[str, str, str, str, str]:
+    """``(_id, item_hash, policy, budget label, schedule)`` of a record, or of an
+    item and a run (records written before schedules existed were online)."""
     r = item_or_record
     if run is None:
-        return (str(r["_id"]), r["item_hash"], r["policy"], r["budget"])
-    return (str(r["_id"]), item_hash(r), run.policy, run.budget_label)
+        default = "online" if r["policy"] not in ONE_SHOT else "prompt"
+        schedule = r.get("eviction") or (_schedule(r["policy"], default) if r["policy"] in UNBUDGETED else default)
+        return (str(r["_id"]), r["item_hash"], r["policy"], r["budget"], schedule)
+    return (str(r["_id"]), item_hash(r), run.policy, run.budget_label, _schedule(run.policy, baseline_eviction))
 
 
 def read_predictions(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
@@ -224,11 +266,14 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[dict[str, A
 
 
 def pending_pairs(
-    items: Sequence[Mapping[str, Any]], runs: Sequence[PolicyRun], records: Iterable[Mapping[str, Any]]
+    items: Sequence[Mapping[str, Any]],
+    runs: Sequence[PolicyRun],
+    records: Iterable[Mapping[str, Any]],
+    baseline_eviction: str = "prompt",
 ) -> list[tuple[PolicyRun, Mapping[str, Any]]]:
     """The (run, item) pairs not yet in ``records``, run-major."""
     done = {pair_key(r) for r in records}
-    return [(run, item) for run in runs for item in items if pair_key(item, run) not in done]
+    return [(run, item) for run in runs for item in items if pair_key(item, run, baseline_eviction) not in done]
 
 
 # --------------------------------------------------------------------------- one item
@@ -255,6 +300,39 @@ def cache_stats(cache: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def _decode(
+    model: Any, tokenizer: Any, last_token: Sequence[int], cache: list[Any], max_tokens: int, prefill_step_size: int
+) -> dict[str, Any]:
+    """Greedy answer from the last prompt token with stock ``mlx_lm.stream_generate``."""
+    import mlx_lm
+
+    text, response = "", None
+    start = time.perf_counter()
+    for response in mlx_lm.stream_generate(
+        model, tokenizer, list(last_token), max_tokens=max_tokens, prompt_cache=cache, prefill_step_size=prefill_step_size
+    ):
+        text += response.text
+    return {
+        "prediction": text,
+        "generated_tokens": response.generation_tokens if response else 0,
+        "decode_seconds": round(time.perf_counter() - start, 4),
+        "decode_tps": round(response.generation_tps, 2) if response else 0.0,
+        "finish_reason": response.finish_reason if response else None,
+    }
+
+
+def _timed_prefill(model: Any, cache: list[Any], prompt: Sequence[int], prefill_step_size: int) -> dict[str, Any]:
+    """Prefill ``prompt[:-1]`` (aligned) and report its speed."""
+    start = time.perf_counter()
+    prefill(model, cache, prompt[:-1], prefill_step_size)
+    seconds = time.perf_counter() - start
+    return {
+        "prompt_tokens": len(prompt),
+        "prefill_seconds": round(seconds, 4),
+        "prefill_tps": round((len(prompt) - 1) / seconds, 2) if seconds > 0 else 0.0,
+    }
+
+
 def generate_answer(
     model: Any,
     tokenizer: Any,
@@ -265,40 +343,77 @@ def generate_answer(
 ) -> dict[str, Any]:
     """Prefill ``prompt[:-1]`` (aligned), compress once if ``one_shot``, then
     generate greedily from the last prompt token with ``mlx_lm.stream_generate``."""
-    import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    prefill(model, cache, prompt[:-1], prefill_step_size)
-    prefill_seconds = time.perf_counter() - start
+    timing = _timed_prefill(model, cache, prompt, prefill_step_size)
     if one_shot:
         evict_now(cache)
     stats = cache_stats(cache)
-    text, response = "", None
-    start = time.perf_counter()
-    for response in mlx_lm.stream_generate(
-        model, tokenizer, list(prompt[-1:]), max_tokens=max_tokens, prompt_cache=cache, prefill_step_size=prefill_step_size
-    ):
-        text += response.text
-    decode_seconds = time.perf_counter() - start
-    generated = response.generation_tokens if response else 0
-    result = {
-        "prediction": text,
-        **stats,
-        "prompt_tokens": len(prompt),
-        "prefill_seconds": round(prefill_seconds, 4),
-        "prefill_tps": round((len(prompt) - 1) / prefill_seconds, 2) if prefill_seconds > 0 else 0.0,
-        "generated_tokens": generated,
-        "decode_seconds": round(decode_seconds, 4),
-        "decode_tps": round(response.generation_tps, 2) if response else 0.0,
-        "finish_reason": response.finish_reason if response else None,
-        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
-    }
+    decoded = _decode(model, tokenizer, prompt[-1:], cache, max_tokens, prefill_step_size)
+    result = {**decoded, **stats, **timing, "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4)}
     del cache
     mx.clear_cache()
     return result
+
+
+def _fork(cache: Sequence[Any], scorer: Any, keep_fraction: float | None, max_kv_size: int | None) -> list[Any]:
+    """Every layer of a shared prefill, under ``scorer``; layers the NAMM cache
+    does not manage (sliding windows) are copied through their state."""
+    forks = []
+    for c in cache:
+        if isinstance(c, EvictingKVCache):
+            forks.append(c.fork(scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction))
+        else:
+            forks.append(type(c).from_state(c.state, c.meta_state))
+    return forks
+
+
+def _prepare(
+    tokenizer: Any,
+    item: Mapping[str, Any],
+    context_limit: int | None,
+    max_tokens: int | None,
+    templates: Mapping[str, str] | None,
+) -> tuple[list[int], bool, int]:
+    """The item's prompt tokens, whether they were truncated, and the answer length."""
+    limit = max_tokens or max_new_tokens(item.get("dataset", ""))
+    budget = context_limit - limit if context_limit else None
+    prompt, truncated = prompt_tokens(tokenizer, item, budget, templates)
+    return prompt, truncated, limit
+
+
+def _record(
+    item: Mapping[str, Any],
+    run: PolicyRun,
+    out: dict[str, Any],
+    keep_fraction: float | None,
+    max_kv_size: int | None,
+    truncated: bool,
+    eviction: str,
+) -> dict[str, Any]:
+    dataset = item.get("dataset", "")
+    answers = item["answers"] if isinstance(item["answers"], list) else [item["answers"]]
+    score = score_prediction(dataset, out["prediction"], answers, item.get("all_classes"))
+    return {
+        "_id": str(item["_id"]),
+        "item_hash": item_hash(item),
+        "dataset": dataset,
+        "length": item.get("length"),
+        "depth": item.get("depth"),
+        "policy": run.policy,
+        "budget": run.budget_label,
+        "eviction": eviction,
+        "keep_fraction_cap": keep_fraction,
+        "max_kv_size": max_kv_size,
+        "prediction": out.pop("prediction"),
+        "answers": answers,
+        "score": score,
+        "metric": metric_name(dataset),
+        "truncated": truncated,
+        **out,
+    }
 
 
 def evaluate_item(
@@ -314,31 +429,66 @@ def evaluate_item(
     templates: Mapping[str, str] | None = None,
     prefill_step_size: int = 512,
 ) -> dict[str, Any]:
-    """One prediction record (the model must already be attached for ``run``)."""
-    dataset = item.get("dataset", "")
-    limit = max_tokens or max_new_tokens(dataset)
-    budget = context_limit - limit if context_limit else None
-    prompt, truncated = prompt_tokens(tokenizer, item, budget, templates)
+    """One prediction record with the policy's own prefill (the model must
+    already be attached for ``run``; baselines other than SnapKV evict online)."""
+    prompt, truncated, limit = _prepare(tokenizer, item, context_limit, max_tokens, templates)
     out = generate_answer(model, tokenizer, prompt, limit, run.policy in ONE_SHOT, prefill_step_size)
-    answers = item["answers"] if isinstance(item["answers"], list) else [item["answers"]]
-    score = score_prediction(dataset, out["prediction"], answers, item.get("all_classes"))
-    return {
-        "_id": str(item["_id"]),
-        "item_hash": item_hash(item),
-        "dataset": dataset,
-        "length": item.get("length"),
-        "depth": item.get("depth"),
-        "policy": run.policy,
-        "budget": run.budget_label,
-        "keep_fraction_cap": keep_fraction,
-        "max_kv_size": max_kv_size,
-        "prediction": out.pop("prediction"),
-        "answers": answers,
-        "score": score,
-        "metric": metric_name(dataset),
-        "truncated": truncated,
-        **out,
-    }
+    return _record(item, run, out, keep_fraction, max_kv_size, truncated, _schedule(run.policy, "online"))
+
+
+def shared_prefill_scorer() -> H2OScorer:
+    """The scorer of the shared prefill: keeps everything, sums received attention
+    every 512 tokens (H2O's statistic) and retains the prompt's last queries."""
+    return H2OScorer(retain_queries=SHARED_QUERY_ROWS)
+
+
+def evaluate_item_shared(
+    model: Any,
+    tokenizer: Any,
+    item: Mapping[str, Any],
+    runs: Sequence[tuple[PolicyRun, Any, float | None, int | None]],
+    *,
+    context_limit: int | None = None,
+    max_tokens: int | None = None,
+    templates: Mapping[str, str] | None = None,
+    prefill_step_size: int = 512,
+) -> Iterable[dict[str, Any]]:
+    """Records for ``runs`` (``(run, one-shot scorer, keep_fraction, max_kv_size)``)
+    from one prefill of the item: yields each as soon as it is done.
+
+    The model must be attached with :func:`shared_prefill_scorer` and no budget.
+    Each run forks the prefilled caches, compresses them once (``evict_now``;
+    the full cache is left as is) and decodes.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prompt, truncated, limit = _prepare(tokenizer, item, context_limit, max_tokens, templates)
+    cache = make_prompt_cache(model)
+    mx.reset_peak_memory()
+    timing = _timed_prefill(model, cache, prompt, prefill_step_size)
+    prefill_peak = mx.get_peak_memory()
+    for run, scorer, keep_fraction, max_kv_size in runs:
+        forks = _fork(cache, scorer, keep_fraction, max_kv_size)
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        if run.policy != "full":
+            evict_now(forks, force=True)
+        compress_seconds = time.perf_counter() - start
+        stats = cache_stats(forks)
+        decoded = _decode(model, tokenizer, prompt[-1:], forks, limit, prefill_step_size)
+        peak = max(prefill_peak, mx.get_peak_memory())
+        out = {
+            **decoded,
+            **stats,
+            **timing,
+            "prefill_seconds": round(timing["prefill_seconds"] + compress_seconds, 4),
+            "compress_seconds": round(compress_seconds, 4),
+            "peak_memory_gb": round(peak / 1e9, 4),
+        }
+        del forks
+        yield _record(item, run, out, keep_fraction, max_kv_size, truncated, _schedule(run.policy, "prompt"))
+    del cache
+    mx.clear_cache()
 
 
 # --------------------------------------------------------------------------- summaries
@@ -480,14 +630,15 @@ class Progress:
 # --------------------------------------------------------------------------- the loop
 
 
-def _make_scorer(policy: str, namm_scorer: Any, seed: int) -> Any:
+def _make_scorer(policy: str, namm_scorer: Any, seed: int, one_shot: bool = False) -> Any:
     from ..policies import make_scorer
 
     if policy == "namm":
         return make_scorer("namm", namm=namm_scorer)
-    if policy == "random":
-        return make_scorer("random", seed=seed)
-    return make_scorer(policy)
+    params: dict[str, Any] = {"seed": seed} if policy == "random" else {}
+    if one_shot:
+        params["interval"] = None
+    return make_scorer(policy, **params)
 
 
 def _item_weight(item: Mapping[str, Any]) -> float:
@@ -511,14 +662,21 @@ def run_eval(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     stream: TextIO | None = None,
+    baseline_eviction: str = "prompt",
 ) -> dict[str, Any]:
     """Evaluate ``items`` under every run, resuming from ``out_dir/predictions.jsonl``.
 
     namm: a NAMM, NAMM folder or scorer (needed when a run uses the ``namm``
-    policy). Returns the results dict also written to ``out_dir/results.json``;
+    policy). baseline_eviction: ``"prompt"`` (baselines compress once after the
+    prompt, sharing one prefill per item with the full cache) or ``"online"``
+    (each baseline evicts every 512 tokens in its own prefill). Returns the
+    results dict also written to ``out_dir/results.json``;
     ``out_dir/score_vs_kept.png`` is drawn from it.
     """
     from ..integration import as_scorer, attach, detach
+
+    if baseline_eviction not in BASELINE_EVICTION:
+        raise EvalError(f"baseline eviction must be one of {', '.join(BASELINE_EVICTION)}, got {baseline_eviction!r}")
 
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out_dir)
@@ -529,44 +687,72 @@ def run_eval(
         raise EvalError("item ids (_id) are not unique")
     namm_scorer = as_scorer(namm) if any(r.policy == "namm" for r in runs) else None
     records = read_predictions(pred_path, repair=True)
-    todo = pending_pairs(items, runs, records)
+    todo = pending_pairs(items, runs, records, baseline_eviction)
     if records and len(todo) < len(items) * len(runs):
         log(f"resuming: {len(items) * len(runs) - len(todo)} of {len(items) * len(runs)} item x policy pairs already in {pred_path}")
-    bar = Progress([_item_weight(i) for _, i in todo], stream=stream, enabled=progress)
-    matched: dict[str, dict[str, float]] | None = None
-    plan_keys = {pair_key(i, r) for r in runs for i in items}
+    shared = baseline_eviction == "prompt"
+    per_item = {id(i): sum(1 for _, j in todo if j is i) for i in items}
+    weights = [_item_weight(i) / (per_item[id(i)] if shared and r.policy != "namm" else 1) for r, i in todo]
+    bar = Progress(weights, stream=stream, enabled=progress)
+    plan_keys = {pair_key(i, r, baseline_eviction) for r in runs for i in items}
+    options = dict(context_limit=context_limit, max_tokens=max_tokens, templates=templates, prefill_step_size=prefill_step_size)
+    state: dict[str, Any] = {"matched": None}
+
+    def matched() -> dict[str, dict[str, float]]:
+        if state["matched"] is None:  # once the NAMM's pairs are all done
+            current = [r for r in read_predictions(pred_path) if pair_key(r) in plan_keys]
+            state["matched"] = matched_budgets(current)
+        return state["matched"]
+
+    def budget_of(run: PolicyRun, item: Mapping[str, Any]) -> tuple[float | None, int | None]:
+        needs_match = run.budget is not None and run.budget.match
+        return effective_budget(run, item.get("dataset", ""), matched() if needs_match else None, baseline_eviction)
+
     try:
         with open(pred_path, "a", encoding="utf-8") as sink:
+
+            def emit(record: dict[str, Any], item: Mapping[str, Any], run: PolicyRun) -> None:
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+                bar.advance(_item_weight(item) / (per_item[id(item)] if shared and run.policy != "namm" else 1), f"{item['_id']} {run.label}")
+
             for run in runs:
-                pairs = [item for r, item in todo if r == run]
-                if not pairs:
+                if shared and run.policy != "namm":
                     continue
-                if run.budget is not None and run.budget.match and matched is None:
-                    current = [r for r in read_predictions(pred_path) if pair_key(r) in plan_keys]
-                    matched = matched_budgets(current)
                 groups: dict[tuple, list] = {}
-                for item in pairs:
-                    groups.setdefault(effective_budget(run, item.get("dataset", ""), matched), []).append(item)
+                for r, item in todo:
+                    if r == run:
+                        groups.setdefault(budget_of(run, item), []).append(item)
                 for (keep_fraction, max_kv_size), group in groups.items():
-                    scorer = _make_scorer(run.policy, namm_scorer, seed)
-                    attach(model, scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction)
+                    attach(model, _make_scorer(run.policy, namm_scorer, seed), max_kv_size=max_kv_size, keep_fraction=keep_fraction)
                     try:
                         for item in group:
                             bar.show(f"{item['_id']} {run.label}")
                             record = evaluate_item(
-                                model, tokenizer, item, run,
-                                keep_fraction=keep_fraction, max_kv_size=max_kv_size,
-                                context_limit=context_limit, max_tokens=max_tokens,
-                                templates=templates, prefill_step_size=prefill_step_size,
+                                model, tokenizer, item, run, keep_fraction=keep_fraction, max_kv_size=max_kv_size, **options
                             )
-                            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                            sink.flush()
-                            bar.advance(_item_weight(item), f"{item['_id']} {run.label}")
+                            emit(record, item, run)
                     finally:
                         detach(model)
+            if shared:
+                attach(model, shared_prefill_scorer())
+                try:
+                    for item in items:
+                        item_runs = [r for r, i in todo if i is item and r.policy != "namm"]
+                        if not item_runs:
+                            continue
+                        bar.show(f"{item['_id']} prefill")
+                        planned = [
+                            (r, _make_scorer(r.policy, None, seed, one_shot=r.policy != "full"), *budget_of(r, item))
+                            for r in item_runs
+                        ]
+                        for run, record in zip(item_runs, evaluate_item_shared(model, tokenizer, item, planned, **options)):
+                            emit(record, item, run)
+                finally:
+                    detach(model)
     finally:
         bar.close()
-    return write_results(out, runs, items, config=config)
+    return write_results(out, runs, items, config=config, baseline_eviction=baseline_eviction)
 
 
 def write_results(
@@ -574,13 +760,14 @@ def write_results(
     runs: Sequence[PolicyRun],
     items: Sequence[Mapping[str, Any]],
     config: Mapping[str, Any] | None = None,
+    baseline_eviction: str = "prompt",
 ) -> dict[str, Any]:
     """Recompute every summary from ``predictions.jsonl`` (only the pairs of this
     plan), write ``results.json`` and the score-vs-kept plot."""
     from .plot import POLICY_COLORS, plot_score_vs_kept
 
     out = Path(out_dir)
-    plan_keys = {pair_key(i, r) for r in runs for i in items}
+    plan_keys = {pair_key(i, r, baseline_eviction) for r in runs for i in items}
     records = [r for r in read_predictions(out / PREDICTIONS) if pair_key(r) in plan_keys]
     summary = summarize(records, runs)
     results = {

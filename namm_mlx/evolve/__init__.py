@@ -33,6 +33,7 @@ from .trainer import (
     load_init,
     load_run,
     read_log,
+    write_fitness_plot,
 )
 
 __all__ = [
@@ -61,5 +62,6 @@ __all__ = [
     "load_run",
     "make_fitness",
     "read_log",
+    "write_fitness_plot",
     "synthetic_fitness",
 ]

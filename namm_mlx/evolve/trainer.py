@@ -12,6 +12,8 @@ Run folder (written by rank 0 only)::
                          always one complete, self-consistent generation
     out_dir/state.json   a readable copy of that JSON (informational; never read back)
     out_dir/log.jsonl    one line per completed generation
+    out_dir/fitness.png  best and mean fitness and kept fraction per generation, redrawn
+                         from the log after every generation (informational)
     out_dir/namm/        the current CMA-ES mean as a NAMM folder (``NAMM.load``), with
                          provenance (generation/iteration, fitness, seed, ...)
 
@@ -71,10 +73,11 @@ RUN_FORMAT = "namm-mlx-evolve/1"
 STATE_FILE = "state.npz"
 SUMMARY_FILE = "state.json"
 LOG_FILE = "log.jsonl"
+PLOT_FILE = "fitness.png"
 NAMM_DIR = "namm"
 DEFAULT_POP_SIZE = 16
 DEFAULT_STAGE = "main"
-_RUN_FILES = {STATE_FILE, SUMMARY_FILE, LOG_FILE, NAMM_DIR}
+_RUN_FILES = {STATE_FILE, SUMMARY_FILE, LOG_FILE, PLOT_FILE, NAMM_DIR}
 
 
 class EvolveError(ValueError):
@@ -564,6 +567,7 @@ def _run(
                     _write_checkpoint(out, state)
                     if run["export_namm"]:
                         _save_namm(out / NAMM_DIR, state, record, config)
+                    write_fitness_plot(out)
                 except OSError as err:
                     write_error = err
             if world > 1:
@@ -734,6 +738,19 @@ def _write_checkpoint(out: Path, state: RunState) -> None:
     summary["cma"].pop("rng", None)
     summary["note"] = f"informational copy; the checkpoint is {STATE_FILE}"
     _atomic_write(out / SUMMARY_FILE, lambda fh: fh.write(json.dumps(summary, indent=2) + "\n"), binary=False)
+
+
+def write_fitness_plot(run_dir: str | os.PathLike) -> Path | None:
+    """Draw ``run_dir/fitness.png`` from the run's log (atomically); None if the
+    log is empty."""
+    from ..eval.plot import plot_fitness_curve
+
+    out = Path(run_dir)
+    records = read_log(out)
+    if not records:
+        return None
+    _atomic_write(out / PLOT_FILE, lambda fh: plot_fitness_curve(records, fh))
+    return out / PLOT_FILE
 
 
 def _append_log(out: Path, record: Mapping[str, Any]) -> None:

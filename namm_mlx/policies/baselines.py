@@ -5,7 +5,9 @@ turns an :class:`EvictionContext` into per-token scores (higher = keep). The
 cache owns storage, the gather, the budget (``max_kv_size`` /
 ``keep_fraction``) and the cadence, so every baseline returns ``keep=None``
 and runs at the same cadence as the NAMM by default (``interval=512``), which
-makes comparisons fair: only the choice of tokens differs.
+makes comparisons fair: only the choice of tokens differs. With
+``interval=None`` a policy is one-shot instead: it compresses once, when the
+caller runs ``evict_now`` after the prompt (how kvpress applies its presses).
 
 Common simplifications against the papers (each class lists its own):
 
@@ -44,16 +46,30 @@ def _check_interval(interval: int) -> int:
 
 
 class _Baseline:
-    """Shared plumbing: the name, rebuilding from a spec, no arrays."""
+    """Shared plumbing: the name, the cadence, rebuilding from a spec, no arrays.
+
+    ``interval=None`` makes a policy one-shot: the cache never steps on its own
+    and the caller compresses once with ``evict_now`` (after the prompt), as
+    kvpress applies its presses.
+    """
 
     name = ""
     needs_queries = False
     granularity = 1
     interval = DEFAULT_INTERVAL
+    one_shot = False
+
+    def _set_interval(self, interval: int | None) -> None:
+        self.one_shot = interval is None
+        self.interval = NEVER if interval is None else _check_interval(interval)
+
+    @property
+    def interval_param(self) -> int | None:
+        return None if self.one_shot else self.interval
 
     def params(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this scorer (JSON-able)."""
-        return {"interval": self.interval}
+        return {"interval": self.interval_param}
 
     def spec(self) -> dict[str, Any]:
         return {"policy": self.name, **self.params()}
@@ -104,14 +120,14 @@ class StreamingScorer(_Baseline):
 
     name = "streaming"
 
-    def __init__(self, sinks: int = 4, interval: int = DEFAULT_INTERVAL) -> None:
+    def __init__(self, sinks: int = 4, interval: int | None = DEFAULT_INTERVAL) -> None:
         if sinks < 0:
             raise ValueError(f"sinks must be non-negative, got {sinks}")
         self.sinks = int(sinks)
-        self.interval = _check_interval(interval)
+        self._set_interval(interval)
 
     def params(self) -> dict[str, Any]:
-        return {"sinks": self.sinks, "interval": self.interval}
+        return {"sinks": self.sinks, "interval": self.interval_param}
 
     def score(self, context: EvictionContext) -> Scores:
         pos = context.positions.astype(mx.float32)
@@ -139,17 +155,24 @@ class H2OScorer(_Baseline):
     name = "h2o"
     needs_queries = True
 
-    def __init__(self, recent_window: int = 64, interval: int = DEFAULT_INTERVAL) -> None:
+    def __init__(
+        self, recent_window: int = 64, interval: int | None = DEFAULT_INTERVAL, retain_queries: int = 0
+    ) -> None:
         if recent_window < 0:
             raise ValueError(f"recent_window must be non-negative, got {recent_window}")
+        if retain_queries < 0:
+            raise ValueError(f"retain_queries must be non-negative, got {retain_queries}")
         self.recent_window = int(recent_window)
-        self.interval = _check_interval(interval)
+        self.retain_queries = int(retain_queries)
+        self._set_interval(interval)
 
     def params(self) -> dict[str, Any]:
-        return {"recent_window": self.recent_window, "interval": self.interval}
+        params = {"recent_window": self.recent_window, "interval": self.interval_param}
+        if self.retain_queries:
+            params["retain_queries"] = self.retain_queries
+        return params
 
     def score(self, context: EvictionContext) -> Scores:
-        attn = context.attention()  # [B, H, n, N], every query since the last step
         B, H, N = context.positions.shape
         n_old = N - context.n_new
         if context.state:
@@ -157,7 +180,9 @@ class H2OScorer(_Baseline):
         else:
             carried = mx.zeros((B, H, n_old), dtype=mx.float32)
         fresh = mx.zeros((B, H, N - carried.shape[-1]), dtype=mx.float32)
-        accumulated = mx.concatenate([carried, fresh], axis=-1) + attn.sum(axis=2)
+        accumulated = mx.concatenate([carried, fresh], axis=-1)
+        if context.new_queries:  # queries an earlier step already counted are skipped
+            accumulated = accumulated + context.attention(rows=context.new_queries).sum(axis=2)
         # Each query row sums to 1, so accumulated <= offset; protected scores
         # start above that and grow with position.
         pos = context.positions.astype(mx.float32)
@@ -189,8 +214,7 @@ class SnapKVScorer(_Baseline):
     neighbours of important tokens survive too. The window's own tokens are
     always kept (scored above the prefix, newest highest).
 
-    One-shot by default (``interval=None``): the cache never steps on its own
-    and the caller runs ``evict_now(caches)`` after the prompt, as SnapKV
+    One-shot by default (``interval=None``, see :class:`_Baseline`), as SnapKV
     compresses once after prefill. With an integer ``interval`` it re-scores
     at that cadence too (a decoding variant, like kvpress's ``DecodingPress``
     around ``SnapKVPress``).
@@ -217,16 +241,10 @@ class SnapKVScorer(_Baseline):
         self.query_rows = self.window  # the cache need not buffer older queries
         self.kernel = int(kernel)
         self.pooling = pooling
-        self.one_shot = interval is None
-        self.interval = NEVER if interval is None else _check_interval(interval)
+        self._set_interval(interval)
 
     def params(self) -> dict[str, Any]:
-        return {
-            "window": self.window,
-            "kernel": self.kernel,
-            "pooling": self.pooling,
-            "interval": None if self.one_shot else self.interval,
-        }
+        return {"window": self.window, "kernel": self.kernel, "pooling": self.pooling, "interval": self.interval_param}
 
     def score(self, context: EvictionContext) -> Scores:
         N = context.positions.shape[-1]
@@ -256,8 +274,8 @@ class TOVAScorer(_Baseline):
     needs_queries = True
     query_rows = 1  # only the last query matters
 
-    def __init__(self, interval: int = DEFAULT_INTERVAL) -> None:
-        self.interval = _check_interval(interval)
+    def __init__(self, interval: int | None = DEFAULT_INTERVAL) -> None:
+        self._set_interval(interval)
 
     def score(self, context: EvictionContext) -> Scores:
         attn = context.attention(rows=1)[:, :, 0]  # [B, H, N], GQA mean
@@ -277,8 +295,8 @@ class KNormScorer(_Baseline):
 
     name = "knorm"
 
-    def __init__(self, interval: int = DEFAULT_INTERVAL) -> None:
-        self.interval = _check_interval(interval)
+    def __init__(self, interval: int | None = DEFAULT_INTERVAL) -> None:
+        self._set_interval(interval)
 
     def score(self, context: EvictionContext) -> Scores:
         keys = context.keys.astype(mx.float32)
@@ -295,12 +313,12 @@ class RandomScorer(_Baseline):
 
     name = "random"
 
-    def __init__(self, seed: int = 0, interval: int = DEFAULT_INTERVAL) -> None:
+    def __init__(self, seed: int = 0, interval: int | None = DEFAULT_INTERVAL) -> None:
         self.seed = int(seed)
-        self.interval = _check_interval(interval)
+        self._set_interval(interval)
 
     def params(self) -> dict[str, Any]:
-        return {"seed": self.seed, "interval": self.interval}
+        return {"seed": self.seed, "interval": self.interval_param}
 
     def score(self, context: EvictionContext) -> Scores:
         key = mx.random.key(self.seed + context.offset)
