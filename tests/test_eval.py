@@ -520,7 +520,7 @@ def test_shared_prefill_matches_each_policy_own_prefill(tmp_path, tokenizer, sou
         assert r["kept_fraction"] == pytest.approx(math.ceil(0.3 * (prompt_len - 1)) / (prompt_len - 1), abs=1e-9)
         namm_mlx.attach(model, make_scorer(policy, interval=None), keep_fraction=0.3)
         try:
-            prompt, _, limit = runner._prepare(tok, item, None, 8, None)
+            prompt, _, limit = runner.prepare_prompt(tok, item, None, 8, None)
             own = runner.generate_answer(model, tok, prompt, limit, one_shot=True)
         finally:
             namm_mlx.detach(model)

@@ -526,7 +526,8 @@ def test_cli_export_init_from_and_errors(tmp_path):
     # one-line errors
     for args, needle in [
         (("--out", run, "-g", 2, *SMOKE), "--resume"),
-        (("--out", tmp_path / "x", "--fitness", "generation"), "not available yet"),
+        (("--out", tmp_path / "x", "--fitness", "gradient"), "unknown fitness 'gradient'"),
+        (("--out", tmp_path / "x", "--fitness", "generation", "--fitness-arg", "bogus=1"), "bogus"),
         (("--out", tmp_path / "x"), "--fitness"),
         (("--out", tmp_path / "x", "--fitness", "synthetic", "--fitness-arg", "bogus=1"), "bogus"),
         (("--out", run, "--resume", "--pop-size", "16"), "pop_size"),

@@ -43,3 +43,34 @@ def test_bad_options_are_one_line():
         make_fitness("likelihood", 4172, options={"bogus": "1"})
     with pytest.raises(FitnessError, match="unknown task"):
         make_fitness("likelihood", 4172, options={"tasks": "nope"})
+
+
+# --------------------------------------------------------------------------- generation fitness
+
+
+@pytest.fixture(scope="module")
+def generation():
+    options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1", "tasks": "passkey",
+               "max_tokens": "12"}
+    return make_fitness("generation", 4172, options=options)
+
+
+def test_generation_fitness_normalises_by_the_full_cache(generation):
+    items = generation.items_for(3)
+    assert len(items) == 1 and generation.max_tokens == 12
+    full = generation.full_score(items[0])
+    zero = generation.evaluate(np.zeros(4172), items)
+    # an all-zero NAMM evicts nothing, so it answers exactly as the full cache
+    assert zero["kept_fraction"] == 1.0
+    assert zero["quality"] == (1.0 if full > 0 else full) and zero["tasks_scored"] == (1 if full > 0 else 0)
+    assert zero["fitness"] == pytest.approx(zero["quality"] - generation.memory_penalty)
+    member = np.random.default_rng(1).normal(0, 0.065, 4172)
+    first, second = generation.evaluate(member, items), generation.evaluate(member, items)
+    assert first == second, "a member's fitness is deterministic"
+    assert first["kept_fraction"] < 1.0
+    assert first["fitness"] == pytest.approx(first["quality"] - generation.memory_penalty * first["kept_fraction"])
+    # the population call scores each member on the generation's items
+    from namm_mlx.evolve import EvalContext
+
+    rows = generation(np.stack([np.zeros(4172), member]), [0, 1], context=EvalContext(3, "main", 0, 0, 1))
+    assert rows == [zero, first]

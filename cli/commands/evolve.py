@@ -77,7 +77,9 @@ def evolve(
     fitness: Optional[str] = typer.Option(
         None, "--fitness", metavar="NAME",
         help="Objective: 'likelihood' (answer likelihood under the evicted cache minus a memory "
-        "penalty; see --fitness-arg) or 'synthetic' (smoke test, no model). Default when resuming: the run's.", show_default=False,
+        "penalty; fast on a CPU; see --fitness-arg), 'generation' (task scores of greedy answers "
+        "relative to the full cache, minus the penalty) or 'synthetic' (smoke test, no model). "
+        "Default when resuming: the run's.", show_default=False,
     ),
     model: Optional[str] = typer.Option(
         None, "--model", metavar="M", help="Language model the fitness evaluates with.", show_default=False

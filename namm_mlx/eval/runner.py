@@ -370,7 +370,7 @@ def _fork(cache: Sequence[Any], scorer: Any, keep_fraction: float | None, max_kv
     return forks
 
 
-def _prepare(
+def prepare_prompt(
     tokenizer: Any,
     item: Mapping[str, Any],
     context_limit: int | None,
@@ -431,7 +431,7 @@ def evaluate_item(
 ) -> dict[str, Any]:
     """One prediction record with the policy's own prefill (the model must
     already be attached for ``run``; baselines other than SnapKV evict online)."""
-    prompt, truncated, limit = _prepare(tokenizer, item, context_limit, max_tokens, templates)
+    prompt, truncated, limit = prepare_prompt(tokenizer, item, context_limit, max_tokens, templates)
     out = generate_answer(model, tokenizer, prompt, limit, run.policy in ONE_SHOT, prefill_step_size)
     return _record(item, run, out, keep_fraction, max_kv_size, truncated, _schedule(run.policy, "online"))
 
@@ -462,7 +462,7 @@ def evaluate_item_shared(
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    prompt, truncated, limit = _prepare(tokenizer, item, context_limit, max_tokens, templates)
+    prompt, truncated, limit = prepare_prompt(tokenizer, item, context_limit, max_tokens, templates)
     cache = make_prompt_cache(model)
     mx.reset_peak_memory()
     timing = _timed_prefill(model, cache, prompt, prefill_step_size)

@@ -31,10 +31,10 @@ Registry
     factory(n=4172, model=None, options={"key": "value", ...}) -> fitness_fn
 
 ``options`` are the ``--fitness-arg KEY=VALUE`` strings; a factory must reject keys it
-does not know with :class:`FitnessError`. The real objectives (likelihood of reference
-answers under the evicted cache, and generated-answer task scores, §7.2) come from the
-evaluation harness in ``namm_mlx.eval`` and register here under the names in
-:data:`PLANNED` once it exists.
+does not know with :class:`FitnessError`. The real objectives come from the evaluation
+harness in ``namm_mlx.eval``: ``likelihood`` (answer likelihood under the evicted cache,
+fast on a CPU) and ``generation`` (task scores of greedy answers relative to the full
+cache, spec §7.2).
 """
 
 from __future__ import annotations
@@ -168,13 +168,23 @@ def likelihood_fitness(n: int = 4172, model: str | None = None, options: Mapping
     return factory(n=n, model=model, options=options)
 
 
-#: ``--fitness`` name -> factory ``(n=..., model=..., options=...) -> fitness_fn``.
-FITNESS: dict[str, FitnessFactory] = {"synthetic": synthetic_fitness, "likelihood": likelihood_fitness}
+def generation_fitness(n: int = 4172, model: str | None = None, options: Mapping[str, str] | None = None) -> FitnessFn:
+    """Task scores of greedy answers under the evicted cache relative to the full
+    cache's, per task, minus a memory penalty (:mod:`namm_mlx.evolve.generation`)."""
+    from .generation import generation_fitness as factory
 
-#: Objectives not implemented yet.
-PLANNED: dict[str, str] = {
-    "generation": "task score of greedily generated answers, normalised by the full-cache score (spec §7.2)",
+    return factory(n=n, model=model, options=options)
+
+
+#: ``--fitness`` name -> factory ``(n=..., model=..., options=...) -> fitness_fn``.
+FITNESS: dict[str, FitnessFactory] = {
+    "synthetic": synthetic_fitness,
+    "likelihood": likelihood_fitness,
+    "generation": generation_fitness,
 }
+
+#: Objectives not implemented yet (none at present; kept for the error message).
+PLANNED: dict[str, str] = {}
 
 
 def make_fitness(name: str, n: int, model: str | None = None, options: Mapping[str, str] | None = None) -> FitnessFn:
