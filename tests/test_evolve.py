@@ -572,3 +572,38 @@ def test_fitness_registry():
         make_fitness("nope", 10)
     with pytest.raises(FitnessError, match="model"):
         make_fitness("synthetic", 10, model="some/model")
+
+
+def test_cli_curriculum_stages_and_resume(tmp_path):
+    run = tmp_path / "run"
+    stages = ("--stage", "easy:2:dims=4", "--stage", "hard:3:dims=8:scale=0.25")
+    base = ("--fitness", "synthetic", "--pop-size", "8", "--separable", "--seed", "3", "-q")
+    r = cli("--out", run, *base, *stages)
+    assert r.exit_code == 0, r.output
+    log = read_log(run)
+    assert [x["stage"] for x in log] == ["easy", "easy", "hard", "hard", "hard"]
+    assert load_run(run).es.generation == 5
+    stored = json.loads(load_run(run).run["metadata"]["stages"])
+    assert stored == [["easy", 2, {"dims": "4"}], ["hard", 3, {"dims": "8", "scale": "0.25"}]]
+    # stage 1 is exactly a plain run with its options (not the default dims=16)
+    plain = tmp_path / "plain"
+    assert cli("--out", plain, *base, "-g", 2, "--fitness-arg", "dims=4").exit_code == 0
+    assert [x["fitness"] for x in read_log(plain)] == [x["fitness"] for x in log[:2]]
+    # a same-seed run stopped inside stage 2 and resumed without repeating the stages equals it
+    part = tmp_path / "part"
+    r = cli("--out", part, *base, "--stage", "easy:2:dims=4", "--stage", "hard:1:dims=8:scale=0.25")
+    assert r.exit_code == 0, r.output
+    r = cli("--out", part, "--resume", "-q", *stages)
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(load_run(part).es.mean, load_run(run).es.mean)
+    assert [x["best"] for x in read_log(part)] == [x["best"] for x in log]
+    # resuming with no flags reuses the stored curriculum (nothing left to do)
+    r = cli("--out", part, "--resume", "-q")
+    assert r.exit_code == 0 and load_run(part).es.generation == 5, r.output
+    for args, needle in [
+        (("--out", tmp_path / "x", *base, "--stage", "a:x"), "NAME:GENERATIONS"),
+        (("--out", tmp_path / "x", *base, "--stage", "a:1", "--stage", "a:2"), "must differ"),
+        (("--out", tmp_path / "x", *base, "--stage", "a:1", "-g", "3"), "either --generations or --stage"),
+    ]:
+        res = cli(*args)
+        assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output, res.output

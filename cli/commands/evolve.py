@@ -10,6 +10,7 @@ Only rank 0 prints and writes the run folder.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -88,6 +89,13 @@ def evolve(
         [], "--fitness-arg", metavar="KEY=VALUE", help="Option for the fitness function (repeatable).",
         show_default=False,
     ),
+    stage: List[str] = typer.Option(
+        [], "--stage", metavar="NAME:GENS[:KEY=VALUE...]",
+        help="A curriculum stage (repeatable, in order): GENS generations with the --fitness-arg options "
+        "overridden by the stage's KEY=VALUE pairs, e.g. --stage s1:20:length=1024 --stage s2:20:length=2048. "
+        "One CMA-ES run continues across stages. Replaces --generations; when resuming: the run's.",
+        show_default=False,
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
 ) -> None:
     """Evolve a NAMM with CMA-ES; every generation is checkpointed (resume with --resume)."""
@@ -96,7 +104,50 @@ def evolve(
             _export(out, export)
             return
         _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_from, resume,
-             fitness, model, fitness_arg, quiet)
+             fitness, model, fitness_arg, stage, quiet)
+
+
+def _parse_stages(specs: List[str]) -> list[tuple[str, int, dict[str, str]]]:
+    """``NAME:GENS[:KEY=VALUE...]`` strings -> ``(name, generations, options)``."""
+    stages = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        gens, _, pairs = rest.partition(":")
+        if not name.strip() or not gens.strip().isdigit():
+            raise ev.FitnessError(f"--stage expects NAME:GENERATIONS[:KEY=VALUE...], got {spec!r}")
+        stages.append((name.strip(), int(gens), _options([p for p in pairs.split(":") if p.strip()])))
+    names = [s[0] for s in stages]
+    if len(set(names)) != len(names):
+        raise ev.FitnessError(f"stage names must differ, got {', '.join(names)}")
+    return stages
+
+
+class _StageFitness:
+    """One stage's fitness function, built on first use so only the running
+    stage holds a language model; stages share one set of normalisation buffers."""
+
+    live: list["_StageFitness"] = []
+
+    def __init__(self, objective: str, model: Optional[str], options: dict[str, str]) -> None:
+        self.objective, self.model, self.options = objective, model, options
+        self.fn = None
+        self.norm = None
+
+    def build(self):
+        if self.fn is None:
+            for other in _StageFitness.live:
+                other.fn = None
+            _StageFitness.live[:] = [self]
+            self.fn = ev.make_fitness(self.objective, NAMMConfig().param_size, model=self.model, options=self.options)
+            if self.norm is not None:
+                self.fn.norm = self.norm
+        return self.fn
+
+    def __call__(self, members, member_ids, *, context=None):
+        fn = self.build()
+        if "context" in inspect.signature(fn).parameters:
+            return fn(members, member_ids, context=context)
+        return fn(members, member_ids)
 
 
 def _export(run_dir: Path, target: Path) -> None:
@@ -109,7 +160,7 @@ def _export(run_dir: Path, target: Path) -> None:
 
 
 def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_from, resume,
-         fitness, model, fitness_arg, quiet) -> None:
+         fitness, model, fitness_arg, stage, quiet) -> None:
     collective = ev.Collective()
     config = NAMMConfig()
     stored, error = None, None
@@ -137,17 +188,32 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
             options = json.loads(stored["objective_args"])
         if model is None:
             model = stored.get("model") or None
-    fitness_fn = ev.make_fitness(fitness, config.param_size, model=model, options=options)
-
-    norm = _shared_normalisation(fitness_fn, out, init_from, has_run, collective)
+    if stage:
+        stages = _parse_stages(stage)
+    else:
+        stages = [tuple(s) for s in json.loads(stored["stages"])] if stored.get("stages") else None
+    if stages and generations is not None:
+        raise ev.FitnessError("give either --generations or --stage (a curriculum's length is its stages')")
     metadata = {"objective": fitness, "objective_args": _json(options)}
     if model:
         metadata["model"] = model
-    if generations is None and not has_run:
-        generations = 100
+    if stages:
+        metadata["stages"] = json.dumps(stages)
+        stage_fns = [_StageFitness(fitness, model, {**options, **overrides}) for _, _, overrides in stages]
+        first = stage_fns[0].build()
+        norm = _shared_normalisation(first, out, init_from, has_run, collective)
+        for fn in stage_fns:
+            fn.norm = getattr(first, "norm", None)
+        plan = [ev.Stage(name, gens, fn) for (name, gens, _), fn in zip(stages, stage_fns)]
+    else:
+        fitness_fn = ev.make_fitness(fitness, config.param_size, model=model, options=options)
+        norm = _shared_normalisation(fitness_fn, out, init_from, has_run, collective)
+        if generations is None and not has_run:
+            generations = 100
+        plan = [ev.Stage(fitness, generations, fitness_fn)]
     world = f" on {collective.size} processes" if collective.size > 1 else ""
     result = ev.evolve(
-        stages=[ev.Stage(fitness, generations, fitness_fn)],
+        stages=plan,
         out_dir=out,
         pop_size=pop_size,
         seed=seed,

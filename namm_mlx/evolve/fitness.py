@@ -33,7 +33,8 @@ Registry
 ``options`` are the ``--fitness-arg KEY=VALUE`` strings; a factory must reject keys it
 does not know with :class:`FitnessError`. The real objectives come from the evaluation
 harness in ``namm_mlx.eval``: ``likelihood`` (answer likelihood under the evicted cache,
-fast on a CPU) and ``generation`` (task scores of greedy answers relative to the full
+fast on a CPU; ``replay`` is its several-times-cheaper approximation over recorded
+full-cache prefills) and ``generation`` (task scores of greedy answers relative to the full
 cache, spec §7.2).
 """
 
@@ -176,11 +177,20 @@ def generation_fitness(n: int = 4172, model: str | None = None, options: Mapping
     return factory(n=n, model=model, options=options)
 
 
+def replay_fitness(n: int = 4172, model: str | None = None, options: Mapping[str, str] | None = None) -> FitnessFn:
+    """The likelihood fitness replayed over recorded full-cache prefills: several
+    times cheaper, approximate after the first eviction (:mod:`namm_mlx.evolve.replay`)."""
+    from .replay import replay_fitness as factory
+
+    return factory(n=n, model=model, options=options)
+
+
 #: ``--fitness`` name -> factory ``(n=..., model=..., options=...) -> fitness_fn``.
 FITNESS: dict[str, FitnessFactory] = {
     "synthetic": synthetic_fitness,
     "likelihood": likelihood_fitness,
     "generation": generation_fitness,
+    "replay": replay_fitness,
 }
 
 #: Objectives not implemented yet (none at present; kept for the error message).

@@ -396,6 +396,8 @@ def _prepare(
     if has_state:
         state = load_run(out)
         _check_resume(state, plan, request, out)
+        # the run's description follows how it is continued (e.g. an extended curriculum)
+        state.run["metadata"] = {**state.run.get("metadata", {}), **request["metadata"]}
         if init_vector is not None or norm is not None or init_from is not None:
             _note(progress, f"resuming {out} at generation {state.generation}: the checkpoint wins over the initial vector")
         _rewrite_log(out, state.generation, progress)

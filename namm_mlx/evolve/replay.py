@@ -1,0 +1,163 @@
+"""Replay fitness: the likelihood fitness at a fraction of its cost on a CPU.
+
+The likelihood fitness runs every member's prefill through the language model
+(a 1,024-token prompt is ~10 s of CPU per member and item). Here each item's
+prompt is run once with the full cache while every layer's post-RoPE queries,
+keys and values are recorded; a member then *replays* the recording through
+real :class:`EvictingKVCache` layers with its NAMM (the same cadence, attention
+recomputation, features, scoring and selection as online: only the model's
+forward is skipped), and the answer is teacher-forced through the model from
+the evicted caches. Per member and item that is the NAMM steps plus a forward of
+the answer's few tokens.
+
+The approximation: after the first eviction, the real online run computes
+later tokens' hidden states (and so their queries and keys) with the evicted
+cache; the replay uses the full-cache ones, as a one-shot compression (kvpress)
+does. Evolve with it, then check the result with ``namm eval``, which runs the
+NAMM online. Fitness, kept fraction and options are those of the likelihood
+fitness (the full-cache reference goes through the same replay path, without
+eviction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from ..cache import EvictingKVCache
+from ..eval.likelihood import LogProb, reference_answer
+from ..eval.prompts import encode, prompt_tokens
+from ..hook import install_hook
+from ..integration import attach, detach
+from ..policies import FullScorer, NAMMScorer
+from ..prefill import prefill
+from .fitness import FitnessError
+from .harness import build_harness_fitness
+from .likelihood import LikelihoodFitness
+
+__all__ = ["QueryRecorder", "Recording", "ReplayFitness", "replay_fitness", "replay_caches"]
+
+
+class QueryRecorder(FullScorer):
+    """Keeps every token and buffers every query: a full cache that can be replayed."""
+
+    needs_queries = True
+
+
+@dataclass
+class Recording:
+    """One item's prompt (all but its last token) run through the full cache.
+
+    layers: per layer ``(keys, values, queries)`` of every recorded token,
+    ``[1, H, N, D]`` / ``[1, Hq, N, D]``. tail: the last prompt token and the
+    answer but its last token (what is teacher-forced after the prompt).
+    target: the answer tokens scored.
+    """
+
+    layers: list[tuple[mx.array, mx.array, mx.array]]
+    scale: float
+    tail: list[int]
+    target: list[int]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2]
+
+
+def record(model: Any, tokenizer: Any, item: Mapping[str, Any], step: int = 512) -> Recording:
+    """Prefill ``item``'s prompt with a full, query-recording cache."""
+    prompt, _ = prompt_tokens(tokenizer, item)
+    target = encode(tokenizer, reference_answer(item))
+    if not target:
+        raise FitnessError(f"item {item.get('_id', '?')}: the answer encodes to no tokens")
+    attach(model, QueryRecorder(), probe=False)
+    try:
+        caches = model.make_cache()
+        if not all(isinstance(c, EvictingKVCache) for c in caches):
+            raise FitnessError("the replay fitness needs a model whose every layer evicts; use --fitness likelihood")
+        prefill(model, caches, prompt[:-1], step)
+    finally:
+        detach(model)
+    layers = [(c.keys[:, :, : c.length], c.values[:, :, : c.length], c.queries[:, :, : c.num_queries]) for c in caches]
+    return Recording(layers, caches[0].scale, [prompt[-1], *target[:-1]], target)
+
+
+def replay_caches(recording: Recording, scorer: Any, step: int = 512) -> list[EvictingKVCache]:
+    """Fresh caches under ``scorer`` fed the recording in ``step``-aligned blocks,
+    exactly as the attention hook feeds them (append, then observe the queries:
+    eviction steps fire where they would online)."""
+    caches = [EvictingKVCache(scorer) for _ in recording.layers]
+    done, total = 0, recording.length
+    while done < total:
+        n = min(step - done % step, total - done)
+        for cache, (keys, values, queries) in zip(caches, recording.layers):
+            cache.update_and_fetch(keys[:, :, done : done + n], values[:, :, done : done + n])
+            cache.observe(queries[:, :, done : done + n], recording.scale)
+        mx.eval([c.state for c in caches])
+        done += n
+    return caches
+
+
+def answer_logprob_replayed(model: Any, recording: Recording, caches: list[Any]) -> LogProb:
+    """Log-probability of the recorded answer, teacher-forced from ``caches``."""
+    install_hook()  # the caches' attend() must see the forward
+    logits = model(mx.array([recording.tail]), cache=caches)[0].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logp, mx.array(recording.target)[:, None], axis=-1)
+    return LogProb(float(picked.sum().item()), len(recording.target))
+
+
+class ReplayFitness(LikelihoodFitness):
+    """Callable fitness (see :mod:`namm_mlx.evolve.fitness` for the contract).
+
+    Calibration runs online, as the likelihood fitness's does; recordings are
+    kept for the items of the last generations (an LRU of two generations' worth).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, items: list[dict], calibration: list[dict], options: dict) -> None:
+        super().__init__(model, tokenizer, items, calibration, options)
+        self._recordings: OrderedDict[str, Recording] = OrderedDict()
+
+    def recording(self, item: Mapping[str, Any]) -> Recording:
+        key = item["_id"]
+        if key in self._recordings:
+            self._recordings.move_to_end(key)
+        else:
+            self._recordings[key] = record(self.model, self.tokenizer, item)
+            while len(self._recordings) > 2 * max(1, self.per_generation):
+                self._recordings.popitem(last=False)
+        return self._recordings[key]
+
+    def full_logprob(self, item: Mapping[str, Any]) -> Any:
+        key = item["_id"]
+        if key not in self._full:
+            rec = self.recording(item)
+            self._full[key] = answer_logprob_replayed(self.model, rec, replay_caches(rec, FullScorer()))
+        return self._full[key]
+
+    def evaluate(self, vector: np.ndarray, items: list[dict]) -> dict[str, float]:
+        """Relative answer likelihood and kept fraction of one parameter vector, replayed."""
+        scorer = NAMMScorer(self.namm_for(vector))
+        ratios, kept = [], []
+        for item in items:
+            rec = self.recording(item)
+            caches = replay_caches(rec, scorer)
+            evicted = answer_logprob_replayed(self.model, rec, caches)
+            ratios.append(math.exp(min(evicted.mean - self.full_logprob(item).mean, 50.0)))
+            kept.append(float(np.mean([c.length / c.offset for c in caches])))
+        quality, kept_fraction = float(np.mean(ratios)), float(np.mean(kept))
+        return {
+            "fitness": quality - self.memory_penalty * kept_fraction,
+            "quality": quality,
+            "kept_fraction": kept_fraction,
+        }
+
+
+def replay_fitness(n: int = 4172, model: str | None = None, options: Mapping[str, str] | None = None) -> ReplayFitness:
+    """Factory for ``namm evolve --fitness replay`` (options: the likelihood fitness's)."""
+    return build_harness_fitness(ReplayFitness, "replay", n, model, options)
