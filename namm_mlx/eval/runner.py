@@ -229,8 +229,7 @@ def pair_key(
     item and a run (records written before schedules existed were online)."""
     r = item_or_record
     if run is None:
-        default = "online" if r["policy"] not in ONE_SHOT else "prompt"
-        schedule = r.get("eviction") or (_schedule(r["policy"], default) if r["policy"] in UNBUDGETED else default)
+        schedule = r.get("eviction") or _schedule(r["policy"], "online")
         return (str(r["_id"]), r["item_hash"], r["policy"], r["budget"], schedule)
     return (str(r["_id"]), item_hash(r), run.policy, run.budget_label, _schedule(run.policy, baseline_eviction))
 
@@ -696,13 +695,13 @@ def run_eval(
     bar = Progress(weights, stream=stream, enabled=progress)
     plan_keys = {pair_key(i, r, baseline_eviction) for r in runs for i in items}
     options = dict(context_limit=context_limit, max_tokens=max_tokens, templates=templates, prefill_step_size=prefill_step_size)
-    state: dict[str, Any] = {"matched": None}
+    matched_cache: dict[str, dict[str, float]] = {}
 
     def matched() -> dict[str, dict[str, float]]:
-        if state["matched"] is None:  # once the NAMM's pairs are all done
+        if not matched_cache:  # first asked once the NAMM's pairs are all done
             current = [r for r in read_predictions(pred_path) if pair_key(r) in plan_keys]
-            state["matched"] = matched_budgets(current)
-        return state["matched"]
+            matched_cache.update(matched_budgets(current))
+        return matched_cache
 
     def budget_of(run: PolicyRun, item: Mapping[str, Any]) -> tuple[float | None, int | None]:
         needs_match = run.budget is not None and run.budget.match
