@@ -324,6 +324,14 @@ def test_match_namm_budget_derivation():
     assert effective_budget(PolicyRun("knorm", match), "needle", matched) == (pytest.approx(0.6), None)
     assert effective_budget(PolicyRun("h2o", Budget(max_kv_size=256)), "needle", matched) == (None, 256)
     assert effective_budget(PolicyRun("full"), "needle", matched) == (None, None)
+    # with lengths, each (task, length) group is matched on its own, falling back to the task
+    by_length = matched_budgets(
+        [dict(r, length=L) for r, L in zip(records, (2048, 4096, 2048, 2048))], scope="task_length"
+    )
+    assert set(by_length) == {"needle@2048", "needle@4096", "chapter@2048"}
+    assert effective_budget(PolicyRun("knorm", match), "needle", by_length, length=4096) == (pytest.approx(0.7), None)
+    assert effective_budget(PolicyRun("knorm", match), "needle", by_length, length=2048) == (pytest.approx(0.5), None)
+    assert effective_budget(PolicyRun("knorm", match), "needle", {**by_length, **matched}, length=1024)[0] == pytest.approx(0.6)
     overall = matched_budgets(records, scope="overall")
     assert overall["*"]["kept_fraction"] == pytest.approx(0.7333, abs=1e-3)
     assert effective_budget(PolicyRun("knorm", match), "anything", overall, "online")[0] == pytest.approx((0.4 + 0.6 + 1.0) / 3)

@@ -62,7 +62,7 @@ def eval_command(
     budget: Optional[str] = typer.Option(
         None, "--budget", help="baseline budgets: kept fractions (0.25,0.5) and/or tokens per layer (1024); default 0.5 unless --match"
     ),
-    match: Optional[str] = typer.Option(None, "--match", help="'namm': also run each baseline at the NAMM's mean kept fraction per task"),
+    match: Optional[str] = typer.Option(None, "--match", help="'namm': also run each baseline at the NAMM's mean kept fraction per task and length"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per task and length (default 5); with --data, the first N per dataset"),
     lengths: str = typer.Option("2048,4096", "--lengths", help="synthetic prompt lengths in tokens"),
     depths: Optional[str] = typer.Option(None, "--depths", help="needle depths in [0,1] cycled over items (default 0.1,0.5,0.9,0.3,0.7)"),
@@ -162,7 +162,7 @@ def eval_command(
             "seed": seed,
             "budgets": [b.label for b in budgets],
             "match": match,
-            "match_scope": "task" if match else None,
+            "match_scope": "task_length" if match else None,
             "baseline_eviction": baseline_eviction,
             "namm": namm,
             "context_limit": context,

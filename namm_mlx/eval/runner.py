@@ -30,8 +30,8 @@ Budgets: a kept fraction (the cache's ``keep_fraction``: after each eviction
 step a layer keeps at most that share of the tokens seen) or an absolute size
 (``max_kv_size`` tokens per layer). ``full`` and ``namm`` take no budget: the
 NAMM decides how much to keep, and its mean kept fraction is reported.
-``--match namm`` runs each baseline, per task (dataset), at the NAMM's mean
-kept fraction on that task: measured at the NAMM's last eviction step for the
+``--match namm`` runs each baseline, per task and prompt length, at the NAMM's
+mean kept fraction on those items: measured at the NAMM's last eviction step for the
 periodic baselines (so their budget caps the same quantity), and at the end of
 the prompt for one-shot baselines (which have no unevicted tail).
 """
@@ -158,20 +158,32 @@ def plan_runs(policies: Sequence[str], budgets: Sequence[Budget], match: str | N
     return runs
 
 
-def matched_budgets(records: Iterable[Mapping[str, Any]], scope: str = "task") -> dict[str, dict[str, float]]:
-    """The NAMM's mean kept fractions per dataset (``scope="task"``) or over all
-    items (key ``"*"``, ``scope="overall"``).
+MATCH_SCOPES = ("task_length", "task", "overall")
+
+
+def match_key(dataset: str, length: int | None = None) -> str:
+    """Key of a (task, prompt length) group in :func:`matched_budgets`."""
+    return f"{dataset}@{length}" if length else dataset
+
+
+def matched_budgets(records: Iterable[Mapping[str, Any]], scope: str = "task_length") -> dict[str, dict[str, float]]:
+    """The NAMM's mean kept fractions per task and prompt length (keys
+    ``"needle@4096"``, ``scope="task_length"``: the NAMM keeps a smaller share of
+    longer prompts, so each length is matched on its own), per dataset
+    (``scope="task"``) or over all items (key ``"*"``, ``scope="overall"``).
+    Items without a length (LongBench files) group by dataset.
 
     Each entry: ``kept_fraction`` (mean at the end of the prompt),
     ``step_kept_fraction`` (mean at the NAMM's last eviction step; the end-of-prompt
     value for items where it never stepped) and ``n``.
     """
-    if scope not in ("task", "overall"):
-        raise EvalError(f"match scope must be 'task' or 'overall', got {scope!r}")
+    if scope not in MATCH_SCOPES:
+        raise EvalError(f"match scope must be one of {', '.join(MATCH_SCOPES)}, got {scope!r}")
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
         if r.get("policy") == "namm":
-            groups.setdefault(r["dataset"] if scope == "task" else "*", []).append(r)
+            key = {"task_length": match_key(r["dataset"], r.get("length")), "task": r["dataset"], "overall": "*"}[scope]
+            groups.setdefault(key, []).append(r)
     out = {}
     for key, rows in groups.items():
         kept = [float(r["kept_fraction"]) for r in rows]
@@ -192,12 +204,16 @@ def effective_budget(
     dataset: str,
     matched: Mapping[str, Mapping[str, float]] | None = None,
     baseline_eviction: str = "prompt",
+    length: int | None = None,
 ) -> tuple[float | None, int | None]:
-    """``(keep_fraction, max_kv_size)`` for ``run`` on an item of ``dataset``."""
+    """``(keep_fraction, max_kv_size)`` for ``run`` on an item of ``dataset``
+    (and ``length``: a matched budget is looked up per task and length, then per
+    task, then overall)."""
     if run.budget is None:
         return None, None
     if run.budget.match:
-        m = (matched or {}).get(dataset) or (matched or {}).get("*")
+        table = matched or {}
+        m = table.get(match_key(dataset, length)) or table.get(dataset) or table.get("*")
         if m is None:
             raise EvalError(f"no NAMM results on {dataset!r} to match {run.policy}'s budget to")
         one_shot = is_one_shot(run.policy, baseline_eviction)
@@ -705,7 +721,8 @@ def run_eval(
 
     def budget_of(run: PolicyRun, item: Mapping[str, Any]) -> tuple[float | None, int | None]:
         needs_match = run.budget is not None and run.budget.match
-        return effective_budget(run, item.get("dataset", ""), matched() if needs_match else None, baseline_eviction)
+        table = matched() if needs_match else None
+        return effective_budget(run, item.get("dataset", ""), table, baseline_eviction, item.get("length"))
 
     try:
         with open(pred_path, "a", encoding="utf-8") as sink:
