@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from namm_mlx.data import parse_kjv
@@ -534,3 +535,25 @@ def test_shared_prefill_matches_each_policy_own_prefill(tmp_path, tokenizer, sou
             namm_mlx.detach(model)
         assert own["prediction"] == r["prediction"], policy
         assert own["kept_fraction"] == r["kept_fraction"], policy
+
+
+def test_resume_refuses_namm_results_from_other_weights(tmp_path):
+    from namm_mlx import NAMM
+
+    items = _items(1)
+    run = PolicyRun("namm")
+    from namm_mlx.integration import as_scorer
+
+    zero = NAMM.zeros()
+
+    own = runner.namm_fingerprint(as_scorer(zero))
+    other = runner.namm_fingerprint(as_scorer(NAMM.from_flat(np.full(4172, 0.1, np.float32), zero.norm_mean, zero.norm_var)))
+    assert own != other and len(own) == 12
+    record = dict(_record(items[0], run), namm_sha=other)
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(EvalError, match="other weights"):
+        runner.run_eval(None, None, items, [run], tmp_path, namm=zero, progress=False, log=lambda m: None)
+    # results of the same weights resume: nothing left to do, no model needed
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(dict(record, namm_sha=own)) + "\n")
+    results = runner.run_eval(None, None, items, [run], tmp_path, namm=zero, progress=False, log=lambda m: None)
+    assert results["complete"]

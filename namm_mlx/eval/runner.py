@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 import mlx.core as mx
+import numpy as np
 
 from ..cache import EvictingKVCache, evict_now
 from ..policies.baselines import H2OScorer
@@ -645,6 +646,15 @@ class Progress:
 # --------------------------------------------------------------------------- the loop
 
 
+def namm_fingerprint(scorer: Any) -> str:
+    """Short hash of a NAMM scorer's weights and normalisation (what its results depend on)."""
+    digest = hashlib.sha256()
+    for name, array in sorted(scorer.arrays().items()):
+        digest.update(name.encode())
+        digest.update(np.asarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:12]
+
+
 def _make_scorer(policy: str, namm_scorer: Any, seed: int, one_shot: bool = False) -> Any:
     from ..policies import make_scorer
 
@@ -701,7 +711,14 @@ def run_eval(
     if len(set(ids)) != len(ids):
         raise EvalError("item ids (_id) are not unique")
     namm_scorer = as_scorer(namm) if any(r.policy == "namm" for r in runs) else None
+    fingerprint = namm_fingerprint(namm_scorer) if namm_scorer is not None else None
     records = read_predictions(pred_path, repair=True)
+    stale = {r.get("namm_sha") for r in records if r.get("policy") == "namm"} - {None, fingerprint}
+    if fingerprint and stale:
+        raise EvalError(
+            f"{pred_path} holds NAMM results from other weights ({', '.join(sorted(stale))}, now {fingerprint}): "
+            "resuming would mix them; use a new --out, or delete its namm and match:namm lines"
+        )
     todo = pending_pairs(items, runs, records, baseline_eviction)
     if records and len(todo) < len(items) * len(runs):
         log(f"resuming: {len(items) * len(runs) - len(todo)} of {len(items) * len(runs)} item x policy pairs already in {pred_path}")
@@ -728,6 +745,8 @@ def run_eval(
         with open(pred_path, "a", encoding="utf-8") as sink:
 
             def emit(record: dict[str, Any], item: Mapping[str, Any], run: PolicyRun) -> None:
+                if fingerprint and (run.policy == "namm" or (run.budget is not None and run.budget.match)):
+                    record["namm_sha"] = fingerprint
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
                 bar.advance(_item_weight(item) / (per_item[id(item)] if shared and run.policy != "namm" else 1), f"{item['_id']} {run.label}")
@@ -750,7 +769,7 @@ def run_eval(
                             emit(record, item, run)
                     finally:
                         detach(model)
-            if shared:
+            if shared and any(r.policy != "namm" for r, _ in todo):
                 attach(model, shared_prefill_scorer())
                 try:
                     for item in items:
