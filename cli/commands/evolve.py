@@ -202,8 +202,10 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         stage_fns = [_StageFitness(fitness, model, {**options, **overrides}) for _, _, overrides in stages]
         first = stage_fns[0].build()
         norm = _shared_normalisation(first, out, init_from, has_run, collective)
+        shared_norm = getattr(first, "norm", None)
+        del first  # a later stage's build drops stage 1's model; no local reference may keep it
         for fn in stage_fns:
-            fn.norm = getattr(first, "norm", None)
+            fn.norm = shared_norm
         plan = [ev.Stage(name, gens, fn) for (name, gens, _), fn in zip(stages, stage_fns)]
     else:
         fitness_fn = ev.make_fitness(fitness, config.param_size, model=model, options=options)
