@@ -442,6 +442,21 @@ def test_png_writer(tmp_path):
     assert not plot_score_vs_kept([], tmp_path / "empty.png")
 
 
+
+def test_namm_marker_is_not_hidden_by_a_baseline_at_the_same_point(tmp_path):
+    """With --match namm a baseline can land on the NAMM's exact (kept, score)
+    point; the NAMM is drawn last, so its marker stays visible."""
+    rows = [
+        {"policy": "namm", "kept_fraction": 0.7, "score": 24.8},
+        {"policy": "knorm", "kept_fraction": 0.7, "score": 24.8},
+    ]
+    path = tmp_path / "plot.png"
+    assert plot_score_vs_kept(rows, path)
+    _, _, pixels = decode_png(path.read_bytes())
+    plot_area = [p for row in pixels for p in row[:560]]
+    assert plot_area.count(POLICY_RGB["namm"]) >= 100  # an 11x11 marker, on top
+    assert plot_area.count(POLICY_RGB["knorm"]) == 0  # covered
+
 # --------------------------------------------------------------------------- likelihood
 
 

@@ -195,9 +195,13 @@ def render_lines(
     colors: Mapping[str, Color] | None = None,
     width: int = 720,
     height: int = 440,
+    highlight: Sequence[str] = (),
 ) -> Canvas:
     """Draw ``{name: [(x, y), ...]}`` as polylines with square markers over
-    ``x_range`` x ``[y_min, y_max]``, with grid, ticks, a title and a legend."""
+    ``x_range`` x ``[y_min, y_max]``, with grid, ticks, a title and a legend.
+
+    Series named in ``highlight`` are drawn last, with larger outlined markers,
+    so that a baseline measured at the same point cannot hide them."""
     canvas = Canvas(width, height)
     left, right, top, bottom = 64, width - 170, 40, height - 56
     x0, x1 = x_range
@@ -228,13 +232,19 @@ def render_lines(
     canvas.text(right - Canvas.text_width(x_label, 1), bottom + 30, x_label, BLACK, 1)
     canvas.text(8, 14, y_label, BLACK, 1)
 
-    for i, (name, points) in enumerate(series.items()):
+    names = list(series)
+    order = [n for n in names if n not in highlight] + [n for n in names if n in highlight]
+    for name in order:
+        i = names.index(name)
         color = (colors or {}).get(name) or _color(name, i)
-        pts = sorted((px(x), py(y)) for x, y in points if math.isfinite(x) and math.isfinite(y))
+        pts = sorted((px(x), py(y)) for x, y in series[name] if math.isfinite(x) and math.isfinite(y))
         for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
             canvas.line(xa, ya, xb, yb, color, 2)
+        size = 5 if name in highlight else 3
         for x, y in pts:
-            canvas.fill(x - 3, y - 3, x + 3, y + 3, color)
+            if name in highlight:
+                canvas.fill(x - size - 1, y - size - 1, x + size + 1, y + size + 1, BLACK)
+            canvas.fill(x - size, y - size, x + size, y + size, color)
         ly = top + 4 + 22 * i  # legend: a coloured square and the name
         canvas.fill(right + 16, ly, right + 28, ly + 12, color)
         canvas.text(right + 36, ly, name[:10], BLACK, 2)
@@ -250,7 +260,7 @@ def render_score_vs_kept(
         y_max = next((v for v in (10.0, 20.0, 25.0, 50.0, 100.0) if top_score <= v), 10 * math.ceil(top_score / 10))
     return render_lines(
         series, x_range=(0.0, 1.0), y_max=y_max, title="score vs kept fraction", x_label="kept", y_label="score",
-        colors=POLICY_RGB, width=width, height=height,
+        colors=POLICY_RGB, width=width, height=height, highlight=("namm",),
     )
 
 
