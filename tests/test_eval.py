@@ -457,6 +457,17 @@ def test_namm_marker_is_not_hidden_by_a_baseline_at_the_same_point(tmp_path):
     assert plot_area.count(POLICY_RGB["namm"]) >= 100  # an 11x11 marker, on top
     assert plot_area.count(POLICY_RGB["knorm"]) == 0  # covered
 
+
+def test_generation_axis_ticks_sit_on_whole_generations():
+    """A fitness curve's x labels name the generation under them (the old six
+    evenly spaced ticks put "3" at generation 2.8 on a 1-10 axis)."""
+    from namm_mlx.eval.plot import _x_ticks
+
+    assert _x_ticks(1, 10, whole=True) == [2, 4, 6, 8, 10]
+    assert _x_ticks(0, 3, whole=True) == [0, 1, 2, 3]
+    assert _x_ticks(1, 40, whole=True) == [10, 20, 30, 40]
+    assert _x_ticks(0.0, 1.0, whole=False) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
 # --------------------------------------------------------------------------- likelihood
 
 

@@ -183,6 +183,19 @@ def _nice_max(top: float) -> float:
     return next(m * base for m in (1.0, 2.0, 2.5, 5.0, 10.0) if top <= m * base * (1 + 1e-9))
 
 
+def _x_ticks(x0: float, x1: float, whole: bool) -> list[float]:
+    """Tick values for the x axis. On an axis of whole numbers (``whole``:
+    generations) the multiples of a 1/2/5 x 10^k step of at least 1, so every
+    label sits on its value; otherwise six evenly spaced ticks (0.0 ... 1.0)."""
+    span = x1 - x0
+    if not whole:
+        return [x0 + span * i / 5 for i in range(6)]
+    base = 10.0 ** max(0, math.floor(math.log10(max(span, 1.0) / 5)))
+    step = next(m * base for m in (1.0, 2.0, 5.0, 10.0) if span / (m * base) <= 5 + 1e-9)
+    first = math.ceil(x0 / step) * step
+    return [first + step * i for i in range(int((x1 - first) / step + 1e-9) + 1)]
+
+
 def render_lines(
     series: Mapping[str, Sequence[tuple[float, float]]],
     *,
@@ -196,12 +209,14 @@ def render_lines(
     width: int = 720,
     height: int = 440,
     highlight: Sequence[str] = (),
+    whole_x: bool = False,
 ) -> Canvas:
     """Draw ``{name: [(x, y), ...]}`` as polylines with square markers over
     ``x_range`` x ``[y_min, y_max]``, with grid, ticks, a title and a legend.
 
     Series named in ``highlight`` are drawn last, with larger outlined markers,
-    so that a baseline measured at the same point cannot hide them."""
+    so that a baseline measured at the same point cannot hide them. ``whole_x``:
+    the x values are whole numbers (ticks only at whole numbers)."""
     canvas = Canvas(width, height)
     left, right, top, bottom = 64, width - 170, 40, height - 56
     x0, x1 = x_range
@@ -213,17 +228,17 @@ def render_lines(
     def py(y: float) -> int:
         return round(bottom - (bottom - top) * min(max((y - y_min) / ((y_max - y_min) or 1.0), 0.0), 1.0))
 
-    for i in range(6):  # grid and ticks
-        x_tick = x0 + span * i / 5
-        y_tick = y_min + (y_max - y_min) * i / 5
-        gx, gy = px(x_tick), py(y_tick)
+    for x_tick in _x_ticks(x0, x1, whole_x):  # grid and ticks
+        gx = px(x_tick)
         canvas.line(gx, top, gx, bottom, GRID)
-        canvas.line(left, gy, right, gy, GRID)
         canvas.line(gx, bottom, gx, bottom + 5, BLACK)
-        canvas.line(left - 5, gy, left, gy, BLACK)
-        integral = span > 5 or all(float(x0 + span * j / 5).is_integer() for j in range(6))
-        label = f"{x_tick:.0f}" if integral and span >= 5 else f"{x_tick:.1f}"
+        label = f"{x_tick:.0f}" if float(x_tick).is_integer() else f"{x_tick:.1f}"
         canvas.text(gx - Canvas.text_width(label, 2) // 2, bottom + 10, label, BLACK, 2)
+    for i in range(6):
+        y_tick = y_min + (y_max - y_min) * i / 5
+        gy = py(y_tick)
+        canvas.line(left, gy, right, gy, GRID)
+        canvas.line(left - 5, gy, left, gy, BLACK)
         label = f"{y_tick:.4g}"
         canvas.text(left - 10 - Canvas.text_width(label, 2), gy - 7, label, BLACK, 2)
     canvas.line(left, top, left, bottom, BLACK, 2)
@@ -288,7 +303,7 @@ def plot_fitness_curve(log: Iterable[Mapping[str, Any]], path: str | Path | Bina
     first, last = float(records[0]["generation"]), float(records[-1]["generation"])
     canvas = render_lines(
         series, x_range=(min(first, last - 1), last), y_min=y_min, y_max=y_max, title="fitness per generation",
-        x_label="generation", y_label="fitness", colors=FITNESS_RGB,
+        x_label="generation", y_label="fitness", colors=FITNESS_RGB, whole_x=True,
     )
     data = canvas.to_png()
     if hasattr(path, "write"):
