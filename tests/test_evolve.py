@@ -304,6 +304,7 @@ def test_resume_equals_uninterrupted_run_with_curriculum(tmp_path):
     stages = [r["stage"] for r in read_log(tmp_path / "part")]
     assert stages == ["easy"] * 5 + ["hard"] * 7
     assert read_log(tmp_path / "part")[0]["kept_fraction"] == pytest.approx(np.mean(np.arange(8)) / 10)
+    assert read_log(tmp_path / "part")[0]["kept"] == pytest.approx(np.arange(8) / 10)  # each member's, in order
     # one CMA-ES run across stages: sigma/paths/C carry over (generation counter continues)
     assert load_run(tmp_path / "part").es.generation == 12
     # changing a stage already run is refused; extending the last one is fine

@@ -11,7 +11,9 @@ Run folder (written by rank 0 only)::
                          state), written to a temp file and ``os.replace``d, so it is
                          always one complete, self-consistent generation
     out_dir/state.json   a readable copy of that JSON (informational; never read back)
-    out_dir/log.jsonl    one line per completed generation
+    out_dir/log.jsonl    one line per completed generation: best/mean/worst fitness, sigma,
+                         population mean kept fraction, then each member's fitness
+                         and kept fraction (``fitness``, ``kept``) and the seconds taken
     out_dir/fitness.png  best and mean fitness and kept fraction per generation, redrawn
                          from the log after every generation (informational)
     out_dir/namm/        the current CMA-ES mean as a NAMM folder (``NAMM.load``), with
@@ -662,6 +664,7 @@ def _record(gen: int, stage: str, fitness: np.ndarray, kept: np.ndarray, es: CMA
         "best_ever": es.best_fitness,
         "kept_fraction": float(finite_kept.mean()) if finite_kept.size else None,
         "fitness": [float(v) for v in fitness],
+        "kept": [float(v) if np.isfinite(v) else None for v in kept],
         "seconds": round(seconds, 6),
     }
 
