@@ -247,17 +247,16 @@ def render_lines(
     canvas.text(right - Canvas.text_width(x_label, 1), bottom + 30, x_label, BLACK, 1)
     canvas.text(8, 14, y_label, BLACK, 1)
 
-    names = list(series)
-    order = [n for n in names if n not in highlight] + [n for n in names if n in highlight]
-    for name in order:
-        i = names.index(name)
+    # Stable sort: highlighted series last, everything else in the given order.
+    for i, name in sorted(enumerate(series), key=lambda entry: entry[1] in highlight):
         color = (colors or {}).get(name) or _color(name, i)
         pts = sorted((px(x), py(y)) for x, y in series[name] if math.isfinite(x) and math.isfinite(y))
         for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
             canvas.line(xa, ya, xb, yb, color, 2)
-        size = 5 if name in highlight else 3
+        outlined = name in highlight
+        size = 5 if outlined else 3
         for x, y in pts:
-            if name in highlight:
+            if outlined:
                 canvas.fill(x - size - 1, y - size - 1, x + size + 1, y + size + 1, BLACK)
             canvas.fill(x - size, y - size, x + size, y + size, color)
         ly = top + 4 + 22 * i  # legend: a coloured square and the name
