@@ -1,6 +1,6 @@
 """Tests of the torch-free NAMM trainer checkpoint reader/writer (namm_mlx.checkpoint).
 
-Golden data: /work/shared/fixtures/namm-reference (written by the original PyTorch code).
+Golden data: tests/fixtures/namm-reference (written by the original PyTorch code).
 The torch-dependent tests at the end run only where torch is importable."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from namm_mlx.checkpoint import (
     write_reference_checkpoint,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "namm-reference"
+from conftest import REFERENCE as FIXTURES  # noqa: E402
+
 SHAPES = ("tiny", "llama3_8b")
 _REQUIRED = [f"checkpoint_{s}.pt" for s in SHAPES] + [f"expected_conversion_{s}.safetensors" for s in SHAPES]
 _MISSING = [name for name in _REQUIRED if not (FIXTURES / name).is_file()]

@@ -2,7 +2,7 @@
 
 Every command runs as a subprocess, as a user would run it: what is checked is the
 folder it writes, its exit code and its stderr (one ``error:`` line, never a traceback).
-Golden data: ../shared/fixtures/namm-reference (written by the original PyTorch code).
+Golden data: tests/fixtures/namm-reference (written by the original PyTorch code).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REFERENCE
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -39,7 +40,7 @@ from namm_mlx.evolve import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_CKPT = REPO_ROOT.parent / "shared" / "fixtures" / "namm-reference" / "checkpoint_tiny.pt"
+REFERENCE_CKPT = REFERENCE / "checkpoint_tiny.pt"
 
 
 # ------------------------------------------------------------------ CMA-ES itself
