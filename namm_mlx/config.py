@@ -8,6 +8,9 @@ what pipeline they were scored with (spec §2-§5, Appendix A).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +52,10 @@ class NAMMConfig:
     attention_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        for name, (kind, check, wanted) in _SCHEMA.items():
+            value = getattr(self, name)
+            if not _has_kind(value, kind) or not check(value):
+                raise ValueError(f"{name} must be {wanted}, got {_show(value)}")
         if self.n_fft != 2 * self.hop:
             raise ValueError(
                 f"n_fft ({self.n_fft}) must be twice the hop ({self.hop}): the "
@@ -56,15 +63,12 @@ class NAMMConfig:
             )
         if self.update_interval % self.hop:
             raise ValueError(
-                f"update_interval ({self.update_interval}) must be a multiple of "
-                f"the hop ({self.hop})"
+                f"update_interval must be a multiple of the hop ({self.hop}), got {self.update_interval}"
             )
-        if self.recency_dim % 2:
-            raise ValueError("recency_dim must be even (sin and cos halves)")
         if self.hidden_dim % self.num_heads:
-            raise ValueError("hidden_dim must be divisible by num_heads")
-        if self.attention_dtype not in ("bfloat16", "float32"):
-            raise ValueError("attention_dtype must be 'bfloat16' or 'float32'")
+            raise ValueError(
+                f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads, got num_heads {self.num_heads}"
+            )
 
     @property
     def n_bins(self) -> int:
@@ -118,8 +122,56 @@ class NAMMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "NAMMConfig":
+    def from_dict(cls, values: Any) -> "NAMMConfig":
         """Build from a ``namm_config.json`` dict, ignoring keys we do not know
-        (provenance and the like) so newer files stay readable."""
+        (provenance and the like) so newer files stay readable. A recorded
+        ``param_size`` must match the one the other values imply."""
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object of settings, got {_show(values)}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        config = cls(**{k: v for k, v in values.items() if k in names})
+        recorded = values.get("param_size")
+        if recorded is not None and recorded != config.param_size:
+            raise ValueError(
+                f"param_size must be {config.param_size} for these settings, got {_show(recorded)}"
+            )
+        return config
+
+
+def _has_kind(value: Any, kind: type) -> bool:
+    """JSON-safe type test: bools are not numbers, ints are acceptable floats."""
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, kind)
+
+
+def _show(value: Any) -> str:
+    """A bad value as the user wrote it (JSON spelling), cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: Type, range check and wording of every setting (the ranges keep the
+#: pipeline's arithmetic meaningful: a zero interval never steps, a negative
+#: epsilon divides by zero, an EMA coefficient past 1 grows without bound).
+_SCHEMA: dict[str, tuple[type, Any, str]] = {
+    "update_interval": (int, lambda v: 0 < v <= 1 << 20, "a positive integer (tokens between NAMM steps)"),
+    "n_fft": (int, lambda v: 2 <= v <= 4096, "an integer from 2 to 4096"),
+    "hop": (int, lambda v: 1 <= v <= 2048, "an integer from 1 to 2048"),
+    "ema_coeff": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "norm_eps": (float, lambda v: 0 < v < 1, "a positive number below 1"),
+    "recency_dim": (int, lambda v: 2 <= v <= 4096 and v % 2 == 0, "an even integer from 2 to 4096 (sin and cos halves)"),
+    "recency_max_freq": (float, lambda v: v > 1, "a number above 1"),
+    "start_recency_from": (int, lambda v: v >= 0, "a non-negative integer"),
+    "hidden_dim": (int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "num_heads": (int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "threshold": (float, lambda v: True, "a finite number"),
+    "attention_dtype": (str, lambda v: v in ("bfloat16", "float32"), "'bfloat16' or 'float32'"),
+}

@@ -102,10 +102,11 @@ class NAMM:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config or NAMMConfig()
+        validate(weights, norm_mean, norm_var, norm_count, self.config)
         self.weights = weights
         self.norm_mean = norm_mean.astype(mx.float32)
         self.norm_var = norm_var.astype(mx.float32)
-        self.norm_count = norm_count
+        self.norm_count = None if norm_count is None else np.asarray(norm_count).astype(np.int64)
         self.metadata = dict(metadata or {})
         self._recency = RecencyTable(self.config)
 
@@ -122,7 +123,7 @@ class NAMM:
     ) -> "NAMM":
         """Unflatten a reference parameter vector (spec §5.1 layout)."""
         config = config or NAMMConfig()
-        flat = np.asarray(vector, dtype=np.float32).reshape(-1)
+        flat = _float32(_float_values(vector, "the parameter vector")).reshape(-1)
         if flat.size != config.param_size:
             raise NAMMFormatError(
                 f"a NAMM vector has {config.param_size:,} values, got {flat.size:,} "
@@ -134,7 +135,7 @@ class NAMM:
             tensors.append(mx.array(flat[offset : offset + size].reshape(shape)))
             offset += size
         mean, var = (_check_buffer(b, config.n_bins, name) for b, name in ((norm_mean, "mean"), (norm_var, "var")))
-        count = None if norm_count is None else np.asarray(norm_count, dtype=np.int64).reshape(-1)
+        count = None if norm_count is None else np.asarray(norm_count).reshape(-1)
         return cls(BAMWeights(*tensors), mx.array(mean), mx.array(var), config, count, metadata)
 
     @classmethod
@@ -204,24 +205,30 @@ class NAMM:
             if name not in tensors:
                 raise NAMMFormatError(f"{weights_path} has no {name} (the frozen normalisation buffers)")
         names = [name for name, _ in config.param_layout]
-        if all(name in tensors for name in names):
-            vector = np.concatenate([np.asarray(tensors[n], dtype=np.float32).reshape(-1) for n in names])
-            if "param_vector" in tensors and not np.array_equal(vector, np.asarray(tensors["param_vector"])):
-                raise NAMMFormatError(f"{weights_path}: param_vector disagrees with the named weights")
-        elif "param_vector" in tensors:
-            vector = np.asarray(tensors["param_vector"])
-        else:
-            raise NAMMFormatError(f"{weights_path} holds neither the BAM weights nor a param_vector")
-        count = tensors.get("norm.count")
-        meta = {k: v for k, v in (meta or {}).items() if k != "format"}
-        return cls.from_flat(
-            vector,
-            np.asarray(tensors["norm.mean"]),
-            np.asarray(tensors["norm.var"]),
-            config,
-            None if count is None else np.asarray(count),
-            meta,
-        )
+        try:
+            if all(name in tensors for name in names):
+                parts = [_float_values(tensors[n], n) for n in names]
+                vector = np.concatenate([_float32(p).reshape(-1) for p in parts])
+                if "param_vector" in tensors and not np.array_equal(
+                    vector, _float_values(tensors["param_vector"], "param_vector").reshape(-1), equal_nan=True
+                ):
+                    raise NAMMFormatError("param_vector disagrees with the named weights")
+            elif "param_vector" in tensors:
+                vector = _float_values(tensors["param_vector"], "param_vector")
+            else:
+                raise NAMMFormatError("it holds neither the BAM weights nor a param_vector")
+            count = tensors.get("norm.count")
+            meta = {k: v for k, v in (meta or {}).items() if k != "format"}
+            return cls.from_flat(
+                vector,
+                _float_values(tensors["norm.mean"], "norm.mean"),
+                _float_values(tensors["norm.var"], "norm.var"),
+                config,
+                None if count is None else np.asarray(count),
+                meta,
+            )
+        except NAMMFormatError as err:
+            raise NAMMFormatError(f"{weights_path}: {err}") from None
 
     # --------------------------------------------------------------- pipeline
     def token_features(
@@ -278,10 +285,76 @@ class NAMM:
         return StepResult(kept, state.gather(kept), scores, features, bam)
 
 
+def validate(
+    weights: BAMWeights, norm_mean: Any, norm_var: Any, norm_count: Any, config: NAMMConfig
+) -> None:
+    """Refuse parameters a NAMM cannot score with, naming the tensor and the bad value.
+
+    Every way a NAMM is built (folder, hub, prompt cache, ``--init-from``,
+    conversion) ends in ``NAMM.__init__``, which calls this. A NaN or inf
+    weight, or a negative variance (NaN after the square root), makes every
+    score NaN, and NaN never passes the threshold: the first step would evict
+    the whole cache without a word. Integer tensors mean a file written by
+    something else (or quantised), so they are refused rather than widened.
+    A variance of exactly 0 is allowed: the normalisation floors the standard
+    deviation at ``norm_eps``.
+    """
+    for (name, shape), tensor in zip(config.param_layout, weights.as_list(), strict=True):
+        values = _float_values(tensor, name)
+        if tuple(values.shape) != tuple(shape):
+            raise NAMMFormatError(f"{name} has shape {list(values.shape)}, expected {list(shape)}")
+        _require_finite(values, name)
+    for name, buffer in (("norm.mean", norm_mean), ("norm.var", norm_var)):
+        values = _float_values(buffer, name).reshape(-1)
+        if values.size != config.n_bins:
+            raise NAMMFormatError(f"{name} has {values.size} values, expected {config.n_bins}")
+        _require_finite(values, name)
+    variances = _float_values(norm_var, "norm.var").reshape(-1)
+    if (variances < 0).any():
+        i = int(np.argmax(variances < 0))
+        raise NAMMFormatError(f"norm.var holds a negative variance {variances[i]:g} (bin {i}); variances must be >= 0")
+    if norm_count is not None:
+        counts = np.asarray(norm_count)
+        if counts.dtype.kind not in "iu":
+            raise NAMMFormatError(f"norm.count has dtype {counts.dtype}, expected integers")
+        if (counts < 0).any():
+            raise NAMMFormatError(f"norm.count holds a negative count {int(counts.min())}")
+
+
+def _float_values(array: Any, name: str) -> np.ndarray:
+    """``array`` as a floating-point numpy array (mlx bfloat16 widened); integers,
+    booleans and objects are refused so nothing is silently truncated or cast."""
+    if array is None:
+        raise NAMMFormatError(f"{name} is missing")
+    if isinstance(array, mx.array):
+        if not mx.issubdtype(array.dtype, mx.floating):
+            raise NAMMFormatError(f"{name} has dtype {array.dtype}, expected floating-point numbers")
+        return np.asarray(array.astype(mx.float32) if array.dtype == mx.bfloat16 else array)
+    values = np.asarray(array)
+    if values.dtype.kind != "f":
+        raise NAMMFormatError(f"{name} has dtype {values.dtype}, expected floating-point numbers")
+    return values
+
+
+def _require_finite(values: np.ndarray, name: str) -> None:
+    """float32 is what the pipeline computes in: a float64 value past its range is inf too."""
+    flat = values.reshape(-1)
+    bad = ~np.isfinite(_float32(flat))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise NAMMFormatError(f"{name} holds {float(flat[i])!r} at index {i}; every value must be a finite float32")
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """Cast without numpy's overflow warning (the overflow itself is reported as inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return values.astype(np.float32)
+
+
 def _check_buffer(buffer: Any, n_bins: int, name: str) -> np.ndarray:
     if buffer is None:
         raise NAMMFormatError(f"the normalisation {name} buffer is missing")
-    values = np.asarray(buffer, dtype=np.float32).reshape(-1)
+    values = _float32(_float_values(buffer, f"norm.{name}")).reshape(-1)
     if values.size != n_bins:
         raise NAMMFormatError(f"the normalisation {name} has {values.size} values, expected {n_bins}")
     return values
