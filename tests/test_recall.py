@@ -15,10 +15,10 @@ from namm_mlx.eval.recall import (
     future_attention_recall,
     kept_share,
     prefill_with_trace,
-    record_full_cache,
     record_future_attention,
 )
 from namm_mlx.integration import attach, detach
+from namm_mlx.recording import record_full_cache
 from namm_mlx.policies import make_scorer
 from tiny_models import tiny_model
 

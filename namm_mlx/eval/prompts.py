@@ -124,3 +124,22 @@ def context_limit_of(model: Any, config: Mapping[str, Any] | None = None) -> int
         if isinstance(value, int):
             return value
     return None
+
+
+def document_and_question(tokenizer: Any, item: Mapping[str, Any], granularity: int = 16) -> tuple[list[int], list[int]]:
+    """``(document tokens, question tokens)`` as ``namm chat`` feeds them: the
+    chat template up to and including the document first, the question and the
+    rest of the template afterwards, so nothing compressed before the question
+    depends on it.
+
+    The document part is cut to a multiple of ``granularity`` tokens (the
+    NAMM's hop: a step at the document's end needs whole STFT frames); the cut
+    tokens (the template's blank line after the document) join the question.
+    """
+    from ..session import first_turn_parts
+
+    before, after = first_turn_parts(tokenizer, item["context"])
+    document = encode(tokenizer, before)
+    question = encode(tokenizer, str(item.get("input", "")) + after)
+    cut = len(document) - len(document) % granularity
+    return document[:cut], document[cut:] + question

@@ -27,33 +27,8 @@ import numpy as np
 
 from ..attention import attention_probabilities
 from ..cache import EvictingKVCache
-from ..integration import attach, detach
-from ..policies import FullScorer
 from ..prefill import prefill
-
-
-class QueryRecorder(FullScorer):
-    """Keeps every token and buffers every query: a full cache whose attention
-    can be recomputed (or replayed) afterwards."""
-
-    needs_queries = True
-
-
-def record_full_cache(model: Any, tokens: Sequence[int], step: int = 512) -> list[EvictingKVCache]:
-    """Run ``tokens`` through ``model`` with full, query-recording caches.
-
-    Returns the caches: per layer ``keys``/``values`` ``[1, H, T, D]`` and
-    ``queries`` ``[1, Hq, T, D]`` (post-RoPE), nothing evicted.
-    """
-    attach(model, QueryRecorder(), probe=False)
-    try:
-        caches = model.make_cache()
-        if not all(isinstance(c, EvictingKVCache) for c in caches):
-            raise ValueError("recording needs a model whose every layer uses the evicting cache")
-        prefill(model, caches, tokens, step)
-    finally:
-        detach(model)
-    return caches
+from ..recording import record_full_cache
 
 
 @dataclass

@@ -33,20 +33,13 @@ from ..cache import EvictingKVCache
 from ..eval.likelihood import LogProb, reference_answer
 from ..eval.prompts import encode, prompt_tokens
 from ..hook import install_hook
-from ..integration import attach, detach
 from ..policies import FullScorer, NAMMScorer
-from ..prefill import prefill
+from ..recording import record_full_cache, recorded_layers, replay
 from .fitness import FitnessError
 from .harness import build_harness_fitness
 from .likelihood import LikelihoodFitness
 
-__all__ = ["QueryRecorder", "Recording", "ReplayFitness", "replay_fitness", "replay_caches"]
-
-
-class QueryRecorder(FullScorer):
-    """Keeps every token and buffers every query: a full cache that can be replayed."""
-
-    needs_queries = True
+__all__ = ["Recording", "ReplayFitness", "replay_fitness", "replay_caches"]
 
 
 @dataclass
@@ -75,32 +68,16 @@ def record(model: Any, tokenizer: Any, item: Mapping[str, Any], step: int = 512)
     target = encode(tokenizer, reference_answer(item))
     if not target:
         raise FitnessError(f"item {item.get('_id', '?')}: the answer encodes to no tokens")
-    attach(model, QueryRecorder(), probe=False)
     try:
-        caches = model.make_cache()
-        if not all(isinstance(c, EvictingKVCache) for c in caches):
-            raise FitnessError("the replay fitness needs a model whose every layer evicts; use --fitness likelihood")
-        prefill(model, caches, prompt[:-1], step)
-    finally:
-        detach(model)
-    layers = [(c.keys[:, :, : c.length], c.values[:, :, : c.length], c.queries[:, :, : c.num_queries]) for c in caches]
-    return Recording(layers, caches[0].scale, [prompt[-1], *target[:-1]], target)
+        caches = record_full_cache(model, prompt[:-1], step)
+    except ValueError as err:
+        raise FitnessError(f"{err}; use --fitness likelihood") from None
+    return Recording(recorded_layers(caches), caches[0].scale, [prompt[-1], *target[:-1]], target)
 
 
 def replay_caches(recording: Recording, scorer: Any, step: int = 512) -> list[EvictingKVCache]:
-    """Fresh caches under ``scorer`` fed the recording in ``step``-aligned blocks,
-    exactly as the attention hook feeds them (append, then observe the queries:
-    eviction steps fire where they would online)."""
-    caches = [EvictingKVCache(scorer) for _ in recording.layers]
-    done, total = 0, recording.length
-    while done < total:
-        n = min(step - done % step, total - done)
-        for cache, (keys, values, queries) in zip(caches, recording.layers):
-            cache.update_and_fetch(keys[:, :, done : done + n], values[:, :, done : done + n])
-            cache.observe(queries[:, :, done : done + n], recording.scale)
-        mx.eval([c.state for c in caches])
-        done += n
-    return caches
+    """Fresh caches under ``scorer`` fed the recording (see :func:`namm_mlx.recording.replay`)."""
+    return replay(recording.layers, recording.scale, lambda: EvictingKVCache(scorer), step=step)
 
 
 def answer_logprob_replayed(model: Any, recording: Recording, caches: list[Any]) -> LogProb:

@@ -56,8 +56,8 @@ def make_scorer(name: str, namm: Any = None, **params: Any) -> Any:
     """Build the scorer of policy ``name`` (one of :data:`POLICY_NAMES`).
 
     namm: for ``"namm"`` only: a :class:`~namm_mlx.namm.NAMM`, a folder holding
-    one, or a ready :class:`NAMMScorer` (its cadence comes from its config, so
-    no ``params``). params: the policy's constructor arguments, e.g.
+    one, or a ready :class:`NAMMScorer` (its cadence comes from its config; its
+    only parameter is ``ranked``: keep the top tokens up to the cache's budget). params: the policy's constructor arguments, e.g.
     ``interval`` (all baselines but ``full``, default 512), ``sinks``
     (streaming, 4), ``recent_window`` (h2o, 64), ``window``/``kernel``/
     ``pooling`` (snapkv, 32/5/"max"; its ``interval`` defaults to one-shot),
@@ -65,17 +65,20 @@ def make_scorer(name: str, namm: Any = None, **params: Any) -> Any:
     is ignored (handy when one loop builds every policy).
     """
     if name == "namm":
+        ranked = bool(params.pop("ranked", False))
         if params:
-            raise TypeError(f"the namm policy takes no parameters (got {sorted(params)}); set them in its config")
+            raise TypeError(
+                f"the namm policy takes only ranked= (got {sorted(params)}); set the rest in its config"
+            )
         from ..namm import NAMM
 
         if isinstance(namm, NAMMScorer):
-            return namm
+            return namm if namm.ranked == ranked else NAMMScorer(namm.namm, ranked=ranked)
         if isinstance(namm, (str, os.PathLike)):
             namm = NAMM.load(namm)
         if not isinstance(namm, NAMM):
             raise TypeError(f"make_scorer('namm') needs namm= a NAMM or a NAMM folder, got {type(namm).__name__}")
-        return NAMMScorer(namm)
+        return NAMMScorer(namm, ranked=ranked)
     if namm is not None:
         raise TypeError(f"namm= is only used by the 'namm' policy, not {name!r}")
     try:

@@ -16,6 +16,11 @@ from ..selection import protect_newest, shared_keep_count
 class NAMMScorer:
     """Scores with a NAMM; keeps K = max over heads of the tokens scoring >= 0.
 
+    ranked: ignore the threshold and keep each head's top tokens up to the
+    cache's budget (``max_kv_size`` / ``keep_fraction``), as the reference's
+    ``TopKSelection`` with ``cache_size`` does. A fixed-budget comparison then
+    asks only *which* tokens the NAMM keeps, never how many.
+
     Carried per-token state: the 16-sample attention tail and the 17-bin EMA
     (positions are kept by the cache itself).
     """
@@ -23,8 +28,9 @@ class NAMMScorer:
     name = "namm"
     needs_queries = True
 
-    def __init__(self, namm: NAMM) -> None:
+    def __init__(self, namm: NAMM, ranked: bool = False) -> None:
         self.namm = namm
+        self.ranked = bool(ranked)
         self.interval = namm.config.update_interval
         self.granularity = namm.config.hop
 
@@ -35,11 +41,14 @@ class NAMMScorer:
             n_old = context.positions.shape[-1] - context.n_new
             carried = TokenState(context.positions[..., :n_old], *context.state)
         scores, state, _, _ = self.namm.score(attn, context.positions, carried)
-        keep = shared_keep_count(protect_newest(scores), self.namm.config.threshold)
+        keep = None if self.ranked else shared_keep_count(protect_newest(scores), self.namm.config.threshold)
         return Scores(scores, [state.attn_tail, state.ema], keep)
 
     def spec(self) -> dict[str, Any]:
-        return {"policy": self.name, "config": self.namm.config.to_dict()}
+        spec = {"policy": self.name, "config": self.namm.config.to_dict()}
+        if self.ranked:
+            spec["ranked"] = True
+        return spec
 
     def arrays(self) -> dict[str, mx.array]:
         return {
@@ -57,4 +66,4 @@ class NAMMScorer:
             np.asarray(arrays["namm_norm_var"]),
             config,
         )
-        return cls(namm)
+        return cls(namm, ranked=bool(spec.get("ranked", False)))
