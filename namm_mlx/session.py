@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import os
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
+import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from .cache import EvictingKVCache
@@ -244,13 +247,23 @@ class DocumentSession:
         self.system_prompt = state["system_prompt"]
 
     def save(self, path: str | Path) -> Path:
-        """Write the cache and the conversation as an mlx-lm prompt-cache file."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
+        """Write the cache and the conversation as an mlx-lm prompt-cache file.
+
+        The file gets exactly the name given (it must end in ``.safetensors``,
+        which mlx would otherwise append behind the user's back). It is written
+        beside its target and renamed into place, so a failed save leaves any
+        earlier file untouched."""
+        path = check_cache_path(path)
         meta = dict(self.metadata)
         meta["namm_session"] = json.dumps({**self._conversation_state(), "document": self._document})
-        save_prompt_cache(str(path), self.cache, meta)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_prompt_cache(tmp, self.cache, meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -270,6 +283,41 @@ class DocumentSession:
         session._document = state.pop("document")
         session._restore_conversation(state)
         return session
+
+
+def check_cache_path(path: str | Path) -> Path:
+    """``path`` if a prompt cache can be written there, else :class:`SessionError`.
+
+    Checked before any prefill, so a typo costs nothing: the name must end in
+    ``.safetensors`` and its folder must exist and be writable."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise SessionError(f"prompt cache files end in .safetensors; got {path} (try {path.name}.safetensors)")
+    if path.is_dir():
+        raise SessionError(f"{path} is a folder; give a file name ending in .safetensors")
+    folder = path.parent
+    if not folder.is_dir():
+        raise SessionError(f"cannot save to {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SessionError(f"cannot save to {path}: the folder {folder} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SessionError(f"cannot save to {path}: the file is read-only")
+    return path
+
+
+def namm_settings(scorer: Any, max_kv_size: int | None) -> str:
+    """Fingerprint of what shapes a cache's eviction: the scorer's description
+    and arrays (a NAMM's config, weights and statistics) plus the hard cap.
+    ``none`` for plain mlx-lm caches. A prompt cache records it, so it is only
+    reused under the same settings."""
+    if scorer is None:
+        return "none"
+    digest = hashlib.sha256(json.dumps(scorer.spec(), sort_keys=True).encode())
+    for name, array in sorted(scorer.arrays().items()):
+        digest.update(name.encode())
+        digest.update(np.asarray(array, dtype=np.float32).tobytes())
+    digest.update(f"max_kv_size={max_kv_size}".encode())
+    return digest.hexdigest()[:16]
 
 
 def first_turn_parts(tokenizer: Any, document: str, system_prompt: str | None = None) -> tuple[str, str]:
@@ -310,6 +358,71 @@ class ContextError(ValueError):
 #: Families whose mlx-lm RoPE accepts a YaRN ``rope_scaling`` entry.
 YARN_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 
+#: Default ceiling on the YaRN stretch: past a few times the trained context
+#: answers degrade badly and the prefill alone takes hours on a laptop.
+DEFAULT_MAX_ROPE_FACTOR = 8.0
+
+#: Upper bound on the UTF-8 bytes one token covers in real text (typical
+#: English is ~4; long runs of whitespace or punctuation can merge more). A
+#: document of ``bytes / 16`` tokens or more is certainly too long.
+MAX_BYTES_PER_TOKEN = 16
+
+
+def check_document_fits(
+    document: str, config: dict[str, Any], rope_scaling: str = "auto", max_rope_factor: float = DEFAULT_MAX_ROPE_FACTOR
+) -> None:
+    """Refuse, before tokenising, a document far beyond what the model can read
+    even stretched to ``max_rope_factor`` times its trained context (tokenising
+    tens of megabytes takes minutes and gigabytes). The estimate is a lower
+    bound on its tokens, from its bytes; documents near the limit are left to
+    the exact count."""
+    trained = context_limit(config)
+    if not trained:
+        return
+    stretchable = rope_scaling != "off" and not config.get("rope_scaling") and config.get("model_type") in YARN_FAMILIES
+    readable = int(trained * max_rope_factor) if stretchable else trained
+    size = len(document.encode("utf-8", "replace"))
+    at_least = size // MAX_BYTES_PER_TOKEN
+    if at_least > readable:
+        how = f"{trained:,} trained x{max_rope_factor:g} YaRN = {readable:,}" if stretchable else f"{trained:,}"
+        raise ContextError(
+            f"the document has {size:,} bytes, at least {at_least:,} tokens, but the model reads at most {how} tokens; "
+            "shorten the document"
+        )
+
+
+#: Documents larger than this are refused before they are read at all (no
+#: model reads a gigabyte; reading it would only fill memory).
+MAX_DOCUMENT_BYTES = 1 << 30
+
+
+def check_document_source(path: str | os.PathLike) -> None:
+    """Refuse, before reading, a device (``/dev/zero`` never ends) or a file of
+    more than :data:`MAX_DOCUMENT_BYTES`. ``-`` (stdin), pipes and missing
+    files are left to the document reader."""
+    if str(path) == "-":
+        return
+    try:
+        info = Path(path).expanduser().stat()
+    except OSError:
+        return
+    if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+        raise ContextError(f"{path} is a device, not a document; give a text, Markdown, reST or HTML file")
+    if stat.S_ISREG(info.st_mode) and info.st_size > MAX_DOCUMENT_BYTES:
+        raise ContextError(
+            f"{path} has {info.st_size:,} bytes, more than any model here can read "
+            f"(the limit is {MAX_DOCUMENT_BYTES:,}); shorten the document"
+        )
+
+
+def local_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``config.json`` of a local model folder (None for hub ids and GGUF files)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
 
 def open_session(
     document: str,
@@ -322,20 +435,27 @@ def open_session(
     rope_scaling: str = "auto",
     reserve: int = 1024,
     dtype: str = "float32",
+    max_rope_factor: float = DEFAULT_MAX_ROPE_FACTOR,
 ) -> tuple[DocumentSession, list[str]]:
     """Load the model (and NAMM) for ``document`` and return an empty session.
 
     If the document plus ``reserve`` tokens for the conversation exceeds the
     model's trained context, a YaRN RoPE scaling is applied where the family
-    supports it (``rope_scaling="auto"``); otherwise :class:`ContextError`
-    gives both numbers. Returns the session and notes for the user.
+    supports it (``rope_scaling="auto"``) up to ``max_rope_factor``; otherwise
+    :class:`ContextError` gives both numbers. The NAMM is loaded (and
+    validated) before the model. Returns the session and notes for the user.
     """
-    from .integration import attach
+    from .integration import as_scorer, attach
     from .models import resolve_model_path
 
     notes: list[str] = []
+    scorer = as_scorer(namm) if use_namm else None
     path = resolve_model_path(model, dtype=dtype)
+    config = local_model_config(path)
+    if config is not None:
+        check_document_fits(document, config, rope_scaling, max_rope_factor)
     loaded, tokenizer, config = load_mlx_model(path)
+    check_document_fits(document, config, rope_scaling, max_rope_factor)
     needed = document_tokens(tokenizer, document, system_prompt) + reserve
     trained = context_limit(config)
     if trained and needed > trained:
@@ -346,14 +466,20 @@ def open_session(
         if config.get("rope_scaling") or family not in YARN_FAMILIES:
             raise ContextError(f"{why}, and its family ({family}) cannot be stretched here; shorten the document")
         scaling = yarn_scaling(needed, trained)
+        if scaling["factor"] > max_rope_factor:
+            raise ContextError(
+                f"{why}: YaRN would stretch it x{scaling['factor']:g}, past the ceiling x{max_rope_factor:g}; "
+                "shorten the document or raise --max-rope-factor"
+            )
         loaded, tokenizer, _ = load_mlx_model(path, {"rope_scaling": scaling, "max_position_embeddings": needed})
         notes.append(f"{why}: applied YaRN RoPE scaling x{scaling['factor']:g} (answers may degrade)")
-    if use_namm:
-        attach(loaded, namm, max_kv_size=max_kv_size)
+    if scorer is not None:
+        attach(loaded, scorer, max_kv_size=max_kv_size)
     session = DocumentSession(
         loaded, tokenizer, system_prompt=system_prompt, max_kv_size=max_kv_size, prefill_step_size=prefill_step_size
     )
     session.metadata["model"] = str(path)
+    session.metadata["namm_settings"] = namm_settings(scorer, max_kv_size)
     return session, notes
 
 

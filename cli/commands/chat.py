@@ -22,7 +22,17 @@ from namm_mlx.cache import UnsupportedModelError
 from namm_mlx.checkpoint import CheckpointError
 from namm_mlx.documents import DocumentError, read_document
 from namm_mlx.gguf import ModelError
-from namm_mlx.session import ContextError, DocumentSession, ModelLoadError, SessionError, open_session
+from namm_mlx.session import (
+    DEFAULT_MAX_ROPE_FACTOR,
+    ContextError,
+    DocumentSession,
+    ModelLoadError,
+    SessionError,
+    check_cache_path,
+    check_document_source,
+    namm_settings,
+    open_session,
+)
 
 from ..errors import fail, register, user_errors
 from ..main import app
@@ -41,9 +51,15 @@ MAX_KV = typer.Option(None, "--max-kv-size", help="hard cap on cached tokens per
 PREFILL = typer.Option(512, "--prefill-step-size", help="prefill chunk (512 or a divisor keeps the NAMM cadence exact)")
 SYSTEM = typer.Option(None, "--system-prompt", help="system prompt")
 ROPE = typer.Option("auto", "--rope-scaling", help="auto: stretch RoPE (YaRN) for documents past the model's context; off: refuse")
+MAX_ROPE = typer.Option(
+    DEFAULT_MAX_ROPE_FACTOR, "--max-rope-factor", min=1.0, help="largest YaRN stretch of the model's context to apply"
+)
 
 
-def _start(doc: str, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed):
+def _start(
+    doc: str, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed, max_rope_factor
+):
+    check_document_source(doc)
     document = read_document(doc)  # bad documents fail before any model loads
     if seed is not None:
         mx.random.seed(seed)
@@ -56,6 +72,7 @@ def _start(doc: str, model, namm, no_namm, max_kv_size, prefill_step_size, syste
         system_prompt=system_prompt,
         prefill_step_size=prefill_step_size,
         rope_scaling=rope_scaling,
+        max_rope_factor=max_rope_factor,
     )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -136,11 +153,12 @@ def chat(
     prefill_step_size: int = PREFILL,
     system_prompt: Optional[str] = SYSTEM,
     rope_scaling: str = ROPE,
+    max_rope_factor: float = MAX_ROPE,
 ) -> None:
     """Chat with a long document: prefill it once, then ask as many questions as you like."""
     with user_errors():
         session, document = _start(
-            doc, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed
+            doc, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed, max_rope_factor
         )
         _prefill(session, document, snapshot=True)
         # With the document on stdin, questions come from the terminal if there is one.
@@ -163,7 +181,7 @@ def chat(
                 if not target:
                     print("usage: /save FILE", file=sys.stderr)
                     continue
-                print(f"saved {session.save(target)}", file=sys.stderr)
+                _save(session, target)
             elif line == "/reset":
                 session.reset()
                 print("conversation reset (document kept)", file=sys.stderr)
@@ -171,6 +189,14 @@ def chat(
                 print(HELP, file=sys.stderr)
             else:
                 _answer(session, line, max_tokens, temp, top_p)
+
+
+def _save(session: DocumentSession, target: str) -> None:
+    """``/save``: a failure is one line and the chat goes on (the conversation is not lost)."""
+    try:
+        print(f"saved {session.save(target)}", file=sys.stderr)
+    except (OSError, SessionError, ValueError) as err:
+        print(f"error: not saved: {' '.join(str(err).split())}", file=sys.stderr)
 
 
 def _terminal():
@@ -198,12 +224,15 @@ def generate(
     prefill_step_size: int = PREFILL,
     system_prompt: Optional[str] = SYSTEM,
     rope_scaling: str = ROPE,
+    max_rope_factor: float = MAX_ROPE,
     verbose: bool = typer.Option(False, "--verbose", help="print statistics to stderr"),
 ) -> None:
     """Answer one question about a document (for scripts)."""
     with user_errors():
         if prompt == "-" and doc == "-":
             fail("only one of --doc and --prompt can read stdin")
+        if prompt_cache_file:
+            prompt_cache_file = check_cache_path(prompt_cache_file)  # before any prefill
         question = sys.stdin.read() if prompt == "-" else prompt
         if prompt_cache_file and prompt_cache_file.exists():
             session = _resume(prompt_cache_file, doc, model, namm, no_namm, max_kv_size, prefill_step_size)
@@ -211,8 +240,9 @@ def generate(
             if doc is None:
                 fail("give --doc (or an existing --prompt-cache-file)")
             session, document = _start(
-                doc, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed
-            )
+                doc, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed,
+                max_rope_factor,
+            )  # fmt: skip
             _prefill(session, document, snapshot=False)
             if prompt_cache_file:
                 print(f"saved prefilled document to {session.save(prompt_cache_file)}", file=sys.stderr)
@@ -223,13 +253,22 @@ def _resume(path: Path, doc, model, namm, no_namm, max_kv_size, prefill_step_siz
     """Load a session saved by an earlier ``generate``; the document is not re-read."""
     from mlx_lm.models.cache import load_prompt_cache
 
-    from namm_mlx.integration import attach
+    from namm_mlx.integration import as_scorer, attach
     from namm_mlx.session import load_mlx_model
 
+    scorer = None if no_namm else as_scorer(namm)  # a bad NAMM fails before the cache or model is read
     try:
         _, meta = load_prompt_cache(str(path), return_metadata=True)
     except Exception as err:
         fail(f"cannot read prompt cache {path}: {' '.join(str(err).split())[:200]}")
+    wanted, saved = namm_settings(scorer, max_kv_size), meta.get("namm_settings")
+    if saved is None:
+        fail(f"{path} does not record its NAMM settings (an older file); delete it to prefill again")
+    if saved != wanted:
+        fail(
+            f"{path} was prefilled with other NAMM settings (fingerprint {saved}, now {wanted}: another NAMM, "
+            "--no-namm or --max-kv-size); delete it or pass the same settings"
+        )
     saved_model = model or meta.get("model")
     if not saved_model:
         fail(f"{path} does not say which model wrote it; pass --model")
@@ -238,8 +277,8 @@ def _resume(path: Path, doc, model, namm, no_namm, max_kv_size, prefill_step_siz
         if digest != meta.get("document_sha256"):
             fail(f"{path} holds a different document than {doc}; delete it or drop --prompt-cache-file")
     loaded, tokenizer, _ = load_mlx_model(saved_model)
-    if not no_namm:
-        attach(loaded, namm, max_kv_size=max_kv_size)
+    if scorer is not None:
+        attach(loaded, scorer, max_kv_size=max_kv_size)
     session = DocumentSession.restore(path, loaded, tokenizer, max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
     print(f"reusing prefilled document from {path} ({session.offset:,} tokens)", file=sys.stderr)
     return session
