@@ -1,5 +1,5 @@
 """``python -m cli`` runs the ``namm`` command."""
 
-from cli.main import app
+from cli.entry import main
 
-app(prog_name="namm")
+main()
