@@ -74,6 +74,12 @@ ELITE_RATIO = 0.5
 # Broadcast tensors (stride 0) may expand a tiny storage; refuse to materialise more than
 # this many elements from a storage smaller than the tensor (a P x P placeholder is 17.4 M).
 _MAX_BROADCAST_ELEMENTS = 1 << 28
+# Zip bombs: a member is read only if its declared uncompressed size is exactly what its
+# storage needs, and never more than these (a dense P x P covariance in float64 is 139 MB;
+# a NAMM checkpoint's pickle is a few kB).
+_MAX_STORAGE_BYTES = 256 << 20
+_MAX_TOTAL_BYTES = 1 << 30
+_MAX_PICKLE_BYTES = 64 << 20
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _ZIP_ALIGNMENT = 64
@@ -423,6 +429,7 @@ class _ZipStorages(_StorageSource):
         self._big_endian = big_endian
         self._source = source
         self._cache: dict[str, tuple[str, _Storage]] = {}
+        self._total = 0
 
     def get(self, kind: _StorageKind, key: str, numel: int, view: object) -> _Storage:
         cached = self._cache.get(key)
@@ -432,18 +439,26 @@ class _ZipStorages(_StorageSource):
             return cached[1]
         name = f"{self._prefix}/data/{key}"
         try:
-            raw = self._archive.read(name)
+            info = self._archive.getinfo(name)
         except KeyError:
             raise CheckpointError(
                 f"{self._source} is incomplete: storage entry data/{key} is missing from the archive; re-copy the file"
             ) from None
         dtype = kind.dtype.newbyteorder(">" if self._big_endian else "<") if kind.dtype.itemsize > 1 else kind.dtype
         needed = numel * dtype.itemsize
-        if len(raw) < needed:
+        self._total += needed
+        if info.file_size < needed:
             raise CheckpointError(
-                f"{self._source} is corrupt: storage data/{key} holds {len(raw)} bytes, {needed} needed; "
+                f"{self._source} is corrupt: storage data/{key} holds {info.file_size} bytes, {needed} needed; "
                 "re-copy the file"
             )
+        if info.file_size > needed or needed > _MAX_STORAGE_BYTES or self._total > _MAX_TOTAL_BYTES:
+            raise CheckpointError(
+                f"refused to read {self._source}: storage data/{key} declares {info.file_size:,} bytes "
+                f"(its tensor needs {needed:,}; a NAMM checkpoint's largest is under {_MAX_STORAGE_BYTES:,}); "
+                "the file is corrupt or a zip bomb"
+            )
+        raw = _read_member(self._archive, info, needed)
         array = _to_native(np.frombuffer(raw, dtype=dtype, count=numel), kind.bfloat16)
         storage = _Storage(array)
         self._cache[key] = (kind.name, storage)
@@ -494,6 +509,11 @@ class _LegacyStorages(_StorageSource):
             if len(header) != 8 or int.from_bytes(header, "little", signed=True) != numel:
                 raise CheckpointError(f"{self._source} is truncated or corrupt: bad size record for storage {key}")
             nbytes = numel * kind.dtype.itemsize
+            left = os.fstat(fh.fileno()).st_size - fh.tell()
+            if nbytes > left:
+                raise CheckpointError(
+                    f"{self._source} is truncated: storage {key} needs {nbytes:,} bytes, {max(left, 0):,} remain"
+                )
             raw = fh.read(nbytes)
             if len(raw) != nbytes:
                 raise CheckpointError(
@@ -501,6 +521,13 @@ class _LegacyStorages(_StorageSource):
                 )
             dtype = kind.dtype.newbyteorder("<") if kind.dtype.itemsize > 1 else kind.dtype
             self._arrays[key] = _to_native(np.frombuffer(raw, dtype=dtype), kind.bfloat16)
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """At most ``limit`` bytes of a member: decompression stops there whatever the
+    member's header claims."""
+    with archive.open(info) as member:
+        return member.read(limit)
 
 
 def _archive_prefix(archive: zipfile.ZipFile, source: str) -> str:
@@ -520,9 +547,10 @@ def _archive_prefix(archive: zipfile.ZipFile, source: str) -> str:
 def _zip_big_endian(archive: zipfile.ZipFile, prefix: str, source: str) -> bool:
     """Honour the optional ``byteorder`` record (absent = little, as torch assumes)."""
     try:
-        order = archive.read(f"{prefix}/byteorder").strip()
+        info = archive.getinfo(f"{prefix}/byteorder")
     except KeyError:
         return False
+    order = _read_member(archive, info, 16).strip()
     if order not in (b"little", b"big"):
         raise CheckpointError(f"{source}: unknown byte order {order[:16]!r} in the byteorder record")
     return order == b"big"
@@ -540,7 +568,13 @@ def _load_zip(path: Path) -> object:
     with archive:
         prefix = _archive_prefix(archive, source)
         storages = _ZipStorages(archive, prefix, _zip_big_endian(archive, prefix, source), source)
-        pickled = archive.read(f"{prefix}/data.pkl")
+        info = archive.getinfo(f"{prefix}/data.pkl")
+        if info.file_size > _MAX_PICKLE_BYTES:
+            raise CheckpointError(
+                f"refused to read {source}: its data.pkl declares {info.file_size:,} bytes, far more than a NAMM "
+                "checkpoint's; the file is corrupt or a zip bomb"
+            )
+        pickled = _read_member(archive, info, _MAX_PICKLE_BYTES)
         return _RestrictedUnpickler(io.BytesIO(pickled), source, storages).load()
 
 

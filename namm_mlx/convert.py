@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -134,8 +135,48 @@ def _numpy_error(path: Path, what: str, err: BaseException) -> ConversionError:
     return ConversionError(f"{path.name} is not a readable {what} (truncated or corrupt?): {_describe(err)}")
 
 
+#: Largest array a conversion input may declare (a flat NAMM vector is 17 kB; a
+#: --norm buffer less): anything bigger is refused before it is inflated or read.
+MAX_INPUT_BYTES = 64 << 20
+
+
+def _check_npz_members(path: Path) -> None:
+    """Refuse an .npz (a zip) whose members declare more than :data:`MAX_INPUT_BYTES`
+    before numpy inflates them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.file_size > MAX_INPUT_BYTES:
+                    raise ConversionError(
+                        f"refused to read {path.name}: member {info.filename} declares {info.file_size:,} bytes, "
+                        f"more than a NAMM buffer ever needs ({MAX_INPUT_BYTES:,}); the file is corrupt or a zip bomb"
+                    )
+    except zipfile.BadZipFile:
+        return  # numpy names what is wrong
+
+
+def _check_npy_size(path: Path) -> None:
+    """Refuse an .npy whose header declares more data than the file holds (numpy
+    would allocate the declared size first) or more than :data:`MAX_INPUT_BYTES`."""
+    try:
+        with open(path, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+            left = os.fstat(fh.fileno()).st_size - fh.tell()
+    except Exception:
+        return  # numpy names what is wrong
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > min(left, MAX_INPUT_BYTES):
+        raise ConversionError(
+            f"refused to read {path.name}: its header declares {declared:,} bytes of data, the file holds {left:,}"
+            f" (and a NAMM vector needs under {MAX_INPUT_BYTES:,}); the file is corrupt"
+        )
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     """Named arrays of an .npz, never unpickling anything."""
+    _check_npz_members(path)
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -150,6 +191,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _load_npy(path: Path) -> np.ndarray:
     """A flat vector from an .npy, never unpickling anything."""
+    _check_npy_size(path)
     try:
         value = np.load(path, allow_pickle=False)
     except Exception as err:
