@@ -178,6 +178,8 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
     if error is not None:
         raise error
     has_run = stored is not None
+    if init_from is not None and not has_run:
+        ev.load_init(init_from, config)  # a bad NAMM fails before any model loads
     stored = stored or {}
     options = _options(fitness_arg)
     if fitness is None:

@@ -212,11 +212,15 @@ def evolve(
     }
     state: RunState | None = None
     error: BaseException | None = None
+    lock: _RunLock | None = None
     if collective.is_root:
         try:
+            lock = _RunLock(out)
             state = _prepare(out, plan, request, init_vector, norm, resume, config, progress, init_from)
         except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised
             error = err
+            if lock is not None:
+                lock.release()
     if collective.size > 1:
         payload = _pack(state) if state is not None else None
         raw = collective.share_from_root(payload, _describe(error) if error is not None else None)
@@ -227,7 +231,66 @@ def evolve(
             raise EvolveError(f"cannot prepare {out}: {_describe(error)}") from error
         raise error
     assert state is not None
-    return _run(out, plan, state, collective, config, progress)
+    try:
+        return _run(out, plan, state, collective, config, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+LOCK_FILE = ".lock"
+
+
+class _RunLock:
+    """An exclusive ``flock`` on ``out_dir/.lock`` for as long as a run uses the folder.
+
+    Two processes continuing one run would both append to its log and race on its
+    checkpoint; the second is refused at once. The kernel drops the lock when the
+    holder dies (``kill -9`` included), so a stale lock file never blocks a resume.
+    A folder created only to hold the lock is removed again on release if the run
+    never wrote to it.
+    """
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        if out.exists() and not out.is_dir():
+            raise EvolveError(f"{out} exists and is not a directory")
+        self.created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.path = out / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(self.fd)
+            raise EvolveError(
+                f"{out} is in use by another evolve run (process {holder}); wait for it to finish or choose another folder"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        if self.created and not any(p.name != LOCK_FILE for p in self.out.iterdir()):
+            self.path.unlink(missing_ok=True)
+            self.out.rmdir()
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = -1
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp files a killed writer left behind (each write goes to a temp file that is
+    renamed into place): the checkpoint, log, summary and plot, and the NAMM folder's."""
+    for name in (STATE_FILE, SUMMARY_FILE, LOG_FILE, PLOT_FILE):
+        for tmp in out.glob(f".{name}-*.tmp"):
+            tmp.unlink(missing_ok=True)
+    for pattern in (".namm-*.safetensors", ".namm_config-*.json"):
+        for tmp in (out / NAMM_DIR).glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 def load_run(run_dir: str | os.PathLike) -> RunState:
@@ -385,9 +448,7 @@ def _prepare(
     if out.exists() and not out.is_dir():
         raise EvolveError(f"{out} exists and is not a directory")
     if out.is_dir():
-        for name in (STATE_FILE, SUMMARY_FILE, LOG_FILE):  # temp files of a killed writer
-            for tmp in out.glob(f".{name}-*.tmp"):
-                tmp.unlink(missing_ok=True)
+        _remove_stale_temps(out)
     has_state = (out / STATE_FILE).is_file()
     if has_state and not resume:
         state = load_run(out)
