@@ -1,10 +1,16 @@
-"""Recompute the attention probabilities a memory step needs.
+"""Attention probabilities for a memory step: taken from the forward, or recomputed.
 
-mlx's fused attention returns only its output, so at an eviction step we
-recompute ``softmax(Q K^T * scale)`` for the buffered queries against the
-current keys: every older slot visible, causal inside the new block. Storing
-queries (``Hq x 512 x D`` per layer) is far cheaper than storing attention
-rows during decoding (``Hq x 512 x N``).
+mlx's fused attention returns only its output. When a step is due right after
+a forward whose queries are the whole new block (512-aligned prefill, the
+common case), :func:`attention_with_probabilities` computes that forward's
+attention explicitly (``softmax(Q K^T * scale)`` in float32, then ``P V``)
+and hands the GQA-averaged probabilities to the scorer, so nothing is computed
+twice. Otherwise (decoding: one query per forward) the step recomputes them
+from buffered queries with :func:`attention_probabilities`; storing queries
+(``Hq x 512 x D`` per layer) is far cheaper than storing attention rows.
+
+Both chunk the query rows so no more than ``MAX_LOGITS`` logits exist at once
+(the fused kernel on a CPU materialises all of them).
 """
 
 from __future__ import annotations
@@ -13,8 +19,29 @@ import mlx.core as mx
 
 from .features import gqa_mean
 
-#: Query-head x row x key elements computed at once (~256 MB of float32).
-_MAX_ELEMENTS = 1 << 26
+#: Query-head x row x key logits computed at once (32 MB of float32). Chosen by
+#: measurement (benchmarks/namm_step.py): on the CPU backend, chunks of this
+#: size cost the same per logit as one unchunked call while bounding the
+#: transient memory of a 16k-token step to a fraction of one layer's K/V.
+MAX_LOGITS = 1 << 23
+
+
+def _row_chunk(heads: int, rows: int, keys: int, max_logits: int) -> int:
+    return max(1, min(rows, max_logits // max(1, heads * keys)))
+
+
+def _causal_probs(q: mx.array, k: mx.array, first_pos: int) -> mx.array:
+    """Float32 softmax of ``q k^T`` with keys past each row's position hidden.
+
+    q: ``[B, H, G, rows, D]`` already scaled, float32; k: ``[B, H, N, D]``
+    float32; row ``r`` sits at absolute slot ``first_pos + r``.
+    """
+    rows, N = q.shape[-2], k.shape[-2]
+    logits = q @ mx.swapaxes(k[:, :, None], -1, -2)  # [B, H, G, rows, N]
+    if first_pos < N - 1:  # only a lone newest row sees every key
+        visible = mx.arange(N)[None, :] <= (first_pos + mx.arange(rows))[:, None]
+        logits = mx.where(visible, logits, -mx.inf)
+    return mx.softmax(logits, axis=-1, precise=True)
 
 
 def attention_probabilities(
@@ -23,6 +50,7 @@ def attention_probabilities(
     scale: float,
     rows: int | None = None,
     dtype: str = "float32",
+    max_logits: int = MAX_LOGITS,
 ) -> mx.array:
     """GQA-averaged attention of the newest queries over all cached keys.
 
@@ -32,9 +60,6 @@ def attention_probabilities(
     float32; with ``dtype="bfloat16"`` each head's probabilities and the group
     mean are rounded to bf16 as a half-precision reference model would hand
     them over. Returns float32 ``[B, H, rows, N]``.
-
-    KV heads are processed in groups so no more than ``_MAX_ELEMENTS`` logits
-    exist at once.
     """
     B, Hq, n, D = queries.shape
     H, N = keys.shape[1], keys.shape[2]
@@ -43,18 +68,54 @@ def attention_probabilities(
         queries, first_row = queries[:, :, n - rows :], n - rows
     else:
         first_row, rows = 0, n
-    query_pos = (N - n + first_row) + mx.arange(rows)
-    visible = mx.arange(N)[None, :] <= query_pos[:, None]  # [rows, N]
     q = queries.astype(mx.float32).reshape(B, H, group, rows, D) * scale
     k = keys.astype(mx.float32)
-    heads_per_chunk = max(1, min(H, _MAX_ELEMENTS // max(1, B * group * rows * N)))
+    chunk = _row_chunk(Hq, rows, N, max_logits)
     parts = []
-    for start in range(0, H, heads_per_chunk):
-        stop = min(H, start + heads_per_chunk)
-        logits = q[:, start:stop] @ mx.swapaxes(k[:, start:stop, None], -1, -2)  # [B, h, G, rows, N]
-        probs = mx.softmax(mx.where(visible, logits, -mx.inf), axis=-1, precise=True)
-        mean = gqa_mean(probs.reshape(B, (stop - start) * group, rows, N), stop - start, dtype)
-        if heads_per_chunk < H:
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        probs = _causal_probs(q[..., start:stop, :], k, N - n + first_row + start)
+        mean = gqa_mean(probs.reshape(B, Hq, stop - start, N), H, dtype)
+        if chunk < rows:
             mx.eval(mean)  # free this chunk's logits before the next one
         parts.append(mean)
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+
+def attention_with_probabilities(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    dtype: str = "float32",
+    max_logits: int = MAX_LOGITS,
+) -> tuple[mx.array, mx.array]:
+    """One causal attention call that also returns its GQA-averaged probabilities.
+
+    queries: ``[B, Hq, L, D]`` (the last ``L`` slots); keys, values:
+    ``[B, H, N, D]``. Returns the attention output ``[B, Hq, L, D]`` in the
+    queries' dtype (what the fused kernel with ``mask="causal"`` returns, up
+    to float rounding) and float32 ``[B, H, L, N]`` probabilities equal to
+    :func:`attention_probabilities` on the same queries (``dtype`` rounds
+    them the same way).
+    """
+    B, Hq, L, D = queries.shape
+    H, N = keys.shape[1], keys.shape[2]
+    group = Hq // H
+    q = queries.astype(mx.float32).reshape(B, H, group, L, D) * scale
+    k = keys.astype(mx.float32)
+    v = values.astype(mx.float32)[:, :, None]
+    chunk = _row_chunk(Hq, L, N, max_logits)
+    outputs, means = [], []
+    for start in range(0, L, chunk):
+        stop = min(L, start + chunk)
+        probs = _causal_probs(q[..., start:stop, :], k, N - L + start)
+        out = (probs @ v).reshape(B, Hq, stop - start, v.shape[-1]).astype(queries.dtype)
+        mean = gqa_mean(probs.reshape(B, Hq, stop - start, N), H, dtype)
+        if chunk < L:
+            mx.eval(out, mean)  # free this chunk's logits before the next one
+        outputs.append(out)
+        means.append(mean)
+    if len(outputs) == 1:
+        return outputs[0], means[0]
+    return mx.concatenate(outputs, axis=2), mx.concatenate(means, axis=2)

@@ -26,11 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
-from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.base import create_causal_mask, quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import _BaseCache
 
+from . import quantized
+from .attention import attention_probabilities, attention_with_probabilities
 from .selection import gather_tokens, protect_newest, top_k_in_order
-from .attention import attention_probabilities
+
+
+#: mlx-lm's quantised attention (quantized matmuls) pays on Metal; on the CPU
+#: backend quantized matmuls bypass BLAS and are ~6x slower at 512 queries x
+#: 4k keys than de-quantising one layer's K/V and using the fused kernel
+#: (measured with benchmarks/generate.py's setup), so the CPU does the latter.
+_QUANTIZED_KERNEL = mx.default_device() == mx.gpu
 
 
 class UnsupportedModelError(RuntimeError):
@@ -42,7 +50,8 @@ class EvictionContext:
     """What a scorer sees at an eviction step for one layer.
 
     keys: ``[B, H, N, D]`` post-RoPE keys of every slot (old kept slots first,
-    then the ``n_new`` slots appended since the last step). positions:
+    then the ``n_new`` slots appended since the last step; de-quantised when
+    the cache stores them quantised). positions:
     ``[B, H, N]`` absolute positions. state: the scorer's per-token arrays for
     the ``N - n_new`` old slots, as it returned them last time (empty at the
     first step). offset: tokens seen so far.
@@ -58,10 +67,20 @@ class EvictionContext:
     #: how many of the newest buffered queries no earlier step has seen (the
     #: rest were retained across a step for a scorer's ``retain_queries``)
     new_queries: int = 0
+    #: ``[B, H, n, N]`` GQA-averaged probabilities of the ``n`` newest queries,
+    #: taken from the forward that completed the block (None: not available),
+    #: rounded as ``probabilities_dtype`` says.
+    probabilities: mx.array | None = None
+    probabilities_dtype: str = "float32"
 
     def attention(self, rows: int | None = None, dtype: str = "float32") -> mx.array:
         """GQA-averaged attention ``[B, H, rows, N]`` of the newest ``rows``
-        buffered queries (all of them when ``None``), recomputed on demand."""
+        buffered queries (all of them when ``None``): the forward's own when it
+        covers them, otherwise recomputed from the buffered queries."""
+        wanted = rows if rows is not None else (None if self.queries is None else self.queries.shape[2])
+        taken = self.probabilities
+        if taken is not None and dtype == self.probabilities_dtype and wanted is not None and wanted <= taken.shape[2]:
+            return taken[:, :, taken.shape[2] - wanted :]
         if self.queries is None:
             raise RuntimeError("this scorer did not ask the cache to buffer queries")
         return attention_probabilities(self.queries, self.keys, self.scale, rows, dtype)
@@ -91,7 +110,10 @@ class Scorer(Protocol):
     ``query_rows`` (only the newest this many queries are ever needed) and
     ``retain_queries`` (keep the newest this many queries across a step that
     evicted nothing, so a later one-shot policy forked from this cache still
-    sees the prompt's last queries; see :meth:`EvictingKVCache.fork`).
+    sees the prompt's last queries; see :meth:`EvictingKVCache.fork`) and
+    ``attention_dtype`` (how :meth:`EvictionContext.attention` will be asked
+    to round the probabilities; the cache prepares them that way during the
+    forward that completes a block, default ``"float32"``).
     """
 
     interval: int
@@ -109,19 +131,6 @@ class Scorer(Protocol):
         ...
 
 
-def _grow(buffer: mx.array | None, used: int, needed: int, step: int, like: mx.array) -> mx.array:
-    """Make room for ``needed`` more entries along axis 2, in ``step`` increments."""
-    capacity = 0 if buffer is None else buffer.shape[2]
-    if used + needed <= capacity:
-        return buffer
-    extra = step * ((used + needed - capacity + step - 1) // step)
-    shape = (*like.shape[:2], extra, *like.shape[3:])
-    zeros = mx.zeros(shape, like.dtype)
-    if buffer is None:
-        return zeros
-    return mx.concatenate([buffer[:, :, :used], zeros], axis=2)
-
-
 class EvictingKVCache(_BaseCache):
     """A KV cache whose tokens are periodically evicted by a :class:`Scorer`.
 
@@ -129,20 +138,33 @@ class EvictingKVCache(_BaseCache):
     head (between steps it can grow by up to ``scorer.interval``).
     keep_fraction: after each step a layer keeps at most this fraction of the
     tokens seen so far (used to run baselines at a matched budget).
+    kv_bits, kv_group_size: store the kept keys/values quantised as mlx-lm's
+    ``--kv-bits`` does (see :mod:`namm_mlx.quantized`); scorers see them
+    de-quantised.
     """
 
     step = 256
 
-    def __init__(self, scorer: Scorer, max_kv_size: int | None = None, keep_fraction: float | None = None) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        max_kv_size: int | None = None,
+        keep_fraction: float | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = quantized.DEFAULT_GROUP_SIZE,
+    ) -> None:
         if max_kv_size is not None and max_kv_size < 1:
             raise ValueError(f"max_kv_size must be at least 1, got {max_kv_size}")
         if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+        quantized.check_bits(kv_bits, kv_group_size)
         self.scorer = scorer
         self.max_kv_size = max_kv_size
         self.keep_fraction = keep_fraction
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.kv_bits = kv_bits
+        self.kv_group_size = kv_group_size
+        self.keys: quantized.Storage | None = None  # an array, or a quantised triple
+        self.values: quantized.Storage | None = None
         self.offset = 0  # logical tokens seen: the RoPE position of the next token
         self.length = 0  # physical slots in use
         self.kept_positions: mx.array | None = None  # [B, H, n_old] positions kept at the last step
@@ -154,6 +176,7 @@ class EvictingKVCache(_BaseCache):
         self.scale: float | None = None
         self.steps = 0
         self._awaiting_attention = False
+        self._forward_probabilities: mx.array | None = None
 
     # ------------------------------------------------------------ protocol
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -166,13 +189,16 @@ class EvictingKVCache(_BaseCache):
             )
         self._awaiting_attention = True
         S = keys.shape[2]
-        self.keys = _grow(self.keys, self.length, S, self.step, keys)
-        self.values = _grow(self.values, self.length, S, self.step, values)
-        self.keys[:, :, self.length : self.length + S] = keys
-        self.values[:, :, self.length : self.length + S] = values
+        if self.kv_bits is not None:
+            keys = quantized.quantize(keys, self.kv_group_size, self.kv_bits)
+            values = quantized.quantize(values, self.kv_group_size, self.kv_bits)
+        self.keys = quantized.grow(self.keys, self.length, S, self.step, keys)
+        self.values = quantized.grow(self.values, self.length, S, self.step, values)
+        quantized.write(self.keys, self.length, keys)
+        quantized.write(self.values, self.length, values)
         self.length += S
         self.offset += S
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        return quantized.head(self.keys, self.length), quantized.head(self.values, self.length)
 
     def attend(
         self,
@@ -186,17 +212,49 @@ class EvictingKVCache(_BaseCache):
         """Attention for this layer, then the eviction step when one is due.
 
         Called by the hook in place of mlx-lm's ``scaled_dot_product_attention``.
+        When a step is due and this forward's queries are the whole block the
+        scorer reads, the attention is computed explicitly and its
+        probabilities go to the scorer (no second computation); every other
+        forward uses the fused kernel.
         """
         if sinks is not None:
             raise UnsupportedModelError("attention sinks are not supported by the NAMM cache")
-        if isinstance(mask, mx.array) and mask.shape[-1] != keys.shape[-2]:
+        length = quantized.capacity(keys)
+        if isinstance(mask, mx.array) and mask.shape[-1] != length:
             raise UnsupportedModelError(
                 "this model builds an explicit attention mask for every layer, which "
                 "cannot follow per-layer eviction (unsupported model family)"
             )
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        if self._takes_probabilities(queries, mask):
+            keys, values = (quantized.dequantize(x, self.kv_group_size, self.kv_bits) for x in (keys, values))
+            dtype = getattr(self.scorer, "attention_dtype", "float32")
+            out, self._forward_probabilities = attention_with_probabilities(queries, keys, values, scale, dtype)
+        elif isinstance(keys, tuple) and _QUANTIZED_KERNEL:
+            out = quantized_scaled_dot_product_attention(
+                queries, keys, values, scale=scale, mask=mask, group_size=self.kv_group_size, bits=self.kv_bits
+            )
+        else:
+            keys, values = (quantized.dequantize(x, self.kv_group_size, self.kv_bits) for x in (keys, values))
+            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
         self.observe(queries, scale)
         return out
+
+    def _takes_probabilities(self, queries: mx.array, mask: Any) -> bool:
+        """Whether this forward's attention can serve the step that follows it:
+        a step is due, the scorer reads every new query (no ``query_rows``
+        window), and the block's queries are exactly this forward's."""
+        L = queries.shape[2]
+        return (
+            self._awaiting_attention
+            and L > 1
+            and isinstance(mask, str)
+            and mask == "causal"
+            and self.scorer.needs_queries
+            and getattr(self.scorer, "query_rows", None) is None
+            and self.num_queries == 0
+            and self.n_new == L
+            and self._step_due()
+        )
 
     def observe(self, queries: mx.array, scale: float) -> None:
         """Record the queries of this forward and run a step if one is due.
@@ -217,7 +275,7 @@ class EvictingKVCache(_BaseCache):
         rows when the scorer says it needs no more (SnapKV's window, TOVA's last query)."""
         L = queries.shape[2]
         growth = min(self.scorer.interval, 2 * self.step)
-        self.queries = _grow(self.queries, self.num_queries, L, growth, queries)
+        self.queries = quantized.grow(self.queries, self.num_queries, L, growth, queries)
         self.queries[:, :, self.num_queries : self.num_queries + L] = queries
         self.num_queries += L
         rows = getattr(self.scorer, "query_rows", None)
@@ -241,7 +299,7 @@ class EvictingKVCache(_BaseCache):
 
     def positions(self) -> mx.array:
         """Absolute positions ``[B, H, length]`` of every slot."""
-        B, H = self.keys.shape[:2]
+        B, H = quantized.arrays(self.keys)[0].shape[:2]
         new = mx.arange(self.last_step_offset, self.offset, dtype=mx.int32)
         new = mx.broadcast_to(new, (B, H, self.n_new))
         if self.kept_positions is None:
@@ -259,11 +317,12 @@ class EvictingKVCache(_BaseCache):
 
     def evict(self) -> None:
         """Score every slot, keep each head's best, gather storage and state."""
-        keys = self.keys[:, :, : self.length]
-        values = self.values[:, :, : self.length]
+        keys = quantized.head(self.keys, self.length)
+        values = quantized.head(self.values, self.length)
         positions = self.positions()
+        probabilities, self._forward_probabilities = self._forward_probabilities, None
         context = EvictionContext(
-            keys=keys,
+            keys=quantized.dequantize(keys, self.kv_group_size, self.kv_bits),
             positions=positions,
             n_new=self.n_new,
             offset=self.offset,
@@ -271,13 +330,16 @@ class EvictingKVCache(_BaseCache):
             queries=None if self.queries is None else self.queries[:, :, : self.num_queries],
             scale=self.scale,
             new_queries=self.num_queries - self.counted_queries,
+            probabilities=probabilities,
+            probabilities_dtype=getattr(self.scorer, "attention_dtype", "float32"),
         )
         result = self.scorer.score(context)
+        del context, probabilities  # the probabilities are the step's largest transient
         keep = min(self.length if result.keep is None else result.keep, self.keep_limit())
         keep = max(1, keep)
         if keep < self.length:
             kept = top_k_in_order(protect_newest(result.scores), keep)
-            self.keys, self.values = gather_tokens(keys, kept), gather_tokens(values, kept)
+            self.keys, self.values = quantized.gather(keys, kept), quantized.gather(values, kept)
             self.kept_positions = gather_tokens(positions, kept)
             self.scorer_state = [gather_tokens(s, kept) for s in result.state]
             self.length = keep
@@ -292,7 +354,7 @@ class EvictingKVCache(_BaseCache):
             self.queries = self.queries[:, :, self.num_queries - retain : self.num_queries]
         self.num_queries = self.counted_queries = retain
         self.steps += 1
-        mx.eval(self.keys, self.values, self.kept_positions, self.scorer_state, self.queries)
+        mx.eval(quantized.arrays(self.keys), quantized.arrays(self.values), self.kept_positions, self.scorer_state, self.queries)
 
     def fork(
         self, scorer: Scorer, max_kv_size: int | None = None, keep_fraction: float | None = None
@@ -312,9 +374,12 @@ class EvictingKVCache(_BaseCache):
                 f"the fork's scorer needs the last {rows} queries but only {self.num_queries} are buffered: "
                 f"give the source scorer retain_queries >= {rows}"
             )
-        other = EvictingKVCache(scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction)
+        other = EvictingKVCache(
+            scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction,
+            kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
+        )  # fmt: skip
         live = lambda a, n: None if a is None else a[:, :, :n]  # noqa: E731  (new arrays: no shared writes)
-        other.keys, other.values = live(self.keys, self.length), live(self.values, self.length)
+        other.keys, other.values = quantized.head(self.keys, self.length), quantized.head(self.values, self.length)
         other.queries = live(self.queries, self.num_queries) if scorer.needs_queries else None
         other.num_queries = self.num_queries if other.queries is not None else 0
         other.counted_queries = self.counted_queries if other.queries is not None else 0
@@ -361,16 +426,34 @@ class EvictingKVCache(_BaseCache):
     def nbytes(self) -> int:
         """Bytes actually held: storage (with its growth slack), positions,
         scorer state and the query buffer."""
-        arrays = [self.keys, self.values, self.kept_positions, self.queries, *self.scorer_state]
-        return sum(a.nbytes for a in arrays if a is not None)
+        arrays = [self.kept_positions, self.queries, *self.scorer_state]
+        held = sum(a.nbytes for a in arrays if a is not None)
+        return held + quantized.nbytes(self.keys) + quantized.nbytes(self.values)
 
     @property
     def kv_nbytes(self) -> int:
         """Bytes of the live keys and values only (comparable to a full cache's)."""
         if self.keys is None:
             return 0
-        per_slot = (self.keys.nbytes + self.values.nbytes) // self.keys.shape[2]
+        per_slot = (quantized.nbytes(self.keys) + quantized.nbytes(self.values)) // quantized.capacity(self.keys)
         return per_slot * self.length
+
+    def to_quantized(self, group_size: int = quantized.DEFAULT_GROUP_SIZE, bits: int = 4) -> "EvictingKVCache":
+        """Quantise the stored keys/values in place (mlx-lm's ``--kv-bits``
+        calls this once ``--quantized-kv-start`` tokens are cached); the
+        eviction bookkeeping is unchanged."""
+        quantized.check_bits(bits, group_size)
+        if self.kv_bits is not None:
+            if (bits, group_size) != (self.kv_bits, self.kv_group_size):
+                raise ValueError(
+                    f"this cache is already quantised to {self.kv_bits} bits (group {self.kv_group_size})"
+                )
+            return self
+        self.kv_bits, self.kv_group_size = bits, group_size
+        if self.keys is not None:
+            self.keys = quantized.quantize(self.keys[:, :, : self.length], group_size, bits)
+            self.values = quantized.quantize(self.values[:, :, : self.length], group_size, bits)
+        return self
 
     # -------------------------------------------------------- serialisation
     @property
@@ -387,6 +470,8 @@ class EvictingKVCache(_BaseCache):
                 "steps": self.steps,
                 "max_kv_size": self.max_kv_size,
                 "keep_fraction": self.keep_fraction,
+                "kv_bits": self.kv_bits,
+                "kv_group_size": self.kv_group_size,
                 "num_scorer_state": len(self.scorer_state),
                 "scorer": self.scorer.spec(),
                 "scorer_arrays": sorted(self.scorer.arrays()),
@@ -405,7 +490,10 @@ class EvictingKVCache(_BaseCache):
         self.steps = meta["steps"]
         self.max_kv_size = meta["max_kv_size"]
         self.keep_fraction = meta["keep_fraction"]
+        self.kv_bits = meta.get("kv_bits")
+        self.kv_group_size = meta.get("kv_group_size", quantized.DEFAULT_GROUP_SIZE)
         self._awaiting_attention = False
+        self._forward_probabilities = None
 
     @property
     def state(self) -> list[Any]:
@@ -415,8 +503,8 @@ class EvictingKVCache(_BaseCache):
         live = lambda a, n: None if a is None else a[:, :, :n]  # noqa: E731
         scorer_arrays = self.scorer.arrays()
         return [
-            live(self.keys, self.length),
-            live(self.values, self.length),
+            quantized.head(self.keys, self.length),
+            quantized.head(self.values, self.length),
             self.kept_positions,
             live(self.queries, self.num_queries) if self.num_queries else None,
             *self.scorer_state,
@@ -431,6 +519,8 @@ class EvictingKVCache(_BaseCache):
         value = list(value)
         meta = json.loads(value[-1])
         self.keys, self.values, self.kept_positions, self.queries = value[:4]
+        # A quantised triple comes back from a prompt-cache file as a list.
+        self.keys, self.values = (tuple(x) if isinstance(x, list) else x for x in (self.keys, self.values))
         n_state = meta["num_scorer_state"]
         self.scorer_state = list(value[4 : 4 + n_state])
         arrays = dict(zip(meta["scorer_arrays"], value[4 + n_state : -1]))

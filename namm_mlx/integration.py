@@ -20,6 +20,7 @@ from mlx_lm.models.cache import KVCache
 from .cache import EvictingKVCache, Scorer, UnsupportedModelError
 from .hook import install_hook
 from .namm import NAMM, NAMMFormatError
+from .quantized import check_bits
 from .policies import NAMMScorer
 
 #: Why some families fail the probe (their attention bypasses mlx-lm's function).
@@ -69,6 +70,8 @@ def attach(
     max_kv_size: int | None = None,
     keep_fraction: float | None = None,
     probe: bool = True,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> nn.Module:
     """Make ``model.make_cache()`` return evicting caches driven by ``namm``.
 
@@ -77,7 +80,10 @@ def attach(
     keep_fraction: cap on the kept fraction of tokens seen (for baselines).
     probe: run one token through fresh caches to prove the family's attention
     reaches the hook; raises :class:`UnsupportedModelError` otherwise.
+    kv_bits, kv_group_size: quantise the kept keys/values (mlx-lm's
+    ``--kv-bits``/``--kv-group-size``), so eviction and quantisation multiply.
     """
+    check_bits(kv_bits, kv_group_size)
     family = model_type(model)
     scorer = as_scorer(namm)
     base_make_cache = getattr(type(model), "make_cache", None)
@@ -86,7 +92,10 @@ def attach(
         install_hook()
         caches = base_make_cache(model) if base_make_cache else [KVCache() for _ in model.layers]
         return [
-            EvictingKVCache(scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction)
+            EvictingKVCache(
+                scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction,
+                kv_bits=kv_bits, kv_group_size=kv_group_size,
+            )  # fmt: skip
             if type(c) is KVCache
             else c
             for c in caches
@@ -136,6 +145,8 @@ def load(
     namm: NAMM | Scorer | str | os.PathLike | None = None,
     max_kv_size: int | None = None,
     dtype: str = "float32",
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     **load_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """``mlx_lm.load`` plus :func:`attach`: returns ``(model, tokenizer)``.
@@ -146,5 +157,5 @@ def load(
     from .models import load_model
 
     loaded, tokenizer = load_model(model, dtype=dtype, **load_kwargs)
-    attach(loaded, namm, max_kv_size=max_kv_size)
+    attach(loaded, namm, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
     return loaded, tokenizer

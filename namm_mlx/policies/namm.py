@@ -34,6 +34,11 @@ class NAMMScorer:
         self.interval = namm.config.update_interval
         self.granularity = namm.config.hop
 
+    @property
+    def attention_dtype(self) -> str:
+        """The rounding the cache applies to probabilities it takes from the forward."""
+        return self.namm.config.attention_dtype
+
     def score(self, context: EvictionContext) -> Scores:
         attn = context.attention(dtype=self.namm.config.attention_dtype)
         carried = None

@@ -1,0 +1,149 @@
+"""The eviction step takes its attention from the forward, and quantised kept tokens.
+
+* A block-aligned forward computes its attention explicitly: its output equals
+  the fused kernel's and the probabilities it hands the scorer equal the ones
+  recomputed from buffered queries (so a NAMM decides exactly as before).
+* ``kv_bits`` stores the kept keys/values quantised: fewer bytes, nearly the
+  same outputs, eviction still works, and prompt caches round-trip.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
+from tiny_models import VOCAB, tiny_model
+
+import namm_mlx
+from namm_mlx import NAMM, EvictingKVCache, NAMMConfig
+from namm_mlx.attention import attention_probabilities, attention_with_probabilities
+from namm_mlx.policies import NAMMScorer
+
+INTERVAL = 32
+CONFIG = NAMMConfig(update_interval=INTERVAL)
+
+
+@pytest.fixture(scope="module")
+def fixture_namm(reference_dir) -> NAMM:
+    e = {k: np.asarray(v) for k, v in mx.load(str(reference_dir / "expected_conversion_tiny.safetensors")).items()}
+    return NAMM.from_flat(e["param_vector"], e["norm.mean"], e["norm.var"], CONFIG)
+
+
+def tokens(n: int, seed: int = 1) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, VOCAB, n)]
+
+
+@pytest.mark.parametrize("max_logits", [1 << 23, 700])  # one chunk, many row chunks
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_explicit_attention_equals_fused_and_recomputed(max_logits, dtype):
+    mx.random.seed(3)
+    q = mx.random.normal((1, 6, 40, 16)) * 2
+    k = mx.random.normal((1, 2, 100, 16)) * 2
+    v = mx.random.normal((1, 2, 100, 16))
+    out, probs = attention_with_probabilities(q, k, v, 0.25, dtype, max_logits=max_logits)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(fused), atol=1e-5, rtol=1e-5)
+    recomputed = attention_probabilities(q, k, 0.25, dtype=dtype, max_logits=max_logits)
+    np.testing.assert_array_equal(np.asarray(probs), np.asarray(recomputed))
+    assert probs.shape == (1, 2, 40, 100)
+    # Causal: query r (slot 60 + r) gives nothing to later slots.
+    assert float(probs[0, :, 0, 61:].max()) == 0.0 and float(probs[0, :, 0, 60].min()) > 0.0
+
+
+class RecordingScorer(NAMMScorer):
+    """The NAMM scorer, also recording what the cache handed it."""
+
+    def __init__(self, namm: NAMM) -> None:
+        super().__init__(namm)
+        self.seen: list[tuple[np.ndarray | None, np.ndarray | None]] = []
+
+    def score(self, context):
+        taken = None if context.probabilities is None else np.asarray(context.probabilities)
+        recomputed = attention_probabilities(context.queries, context.keys, context.scale, dtype=self.attention_dtype)
+        self.seen.append((taken, np.asarray(recomputed)))
+        return super().score(context)
+
+
+def test_probabilities_from_the_forward_equal_recomputed(fixture_namm):
+    model = tiny_model("llama")
+    scorer = RecordingScorer(fixture_namm)
+    namm_mlx.attach(model, scorer, max_kv_size=48)
+    aligned = model.make_cache()
+    prompt = tokens(160)
+    for start in range(0, len(prompt), INTERVAL):  # block-aligned: probabilities from the forward
+        model(mx.array([prompt[start : start + INTERVAL]]), cache=aligned)
+    taken = [t for t, _ in scorer.seen]
+    assert len(taken) == 5 * len(model.layers) and all(t is not None for t in taken)
+    for t, recomputed in scorer.seen:
+        np.testing.assert_array_equal(t, recomputed)
+
+    # The same prompt in half blocks recomputes at the step: same decisions, same logits.
+    scorer.seen.clear()
+    halves = model.make_cache()
+    for start in range(0, len(prompt), INTERVAL // 2):
+        out = model(mx.array([prompt[start : start + INTERVAL // 2]]), cache=halves)
+    assert all(t is None for t, _ in scorer.seen)
+    for a, b in zip(aligned, halves):
+        assert a.steps == b.steps == 5
+        np.testing.assert_array_equal(np.asarray(a.kept_positions), np.asarray(b.kept_positions))
+    follow = mx.array([tokens(1, seed=9)])
+    np.testing.assert_allclose(
+        np.asarray(model(follow, cache=aligned)), np.asarray(model(follow, cache=halves)), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_decoding_steps_still_recompute(fixture_namm):
+    model = tiny_model("qwen3")
+    scorer = RecordingScorer(fixture_namm)
+    namm_mlx.attach(model, scorer)
+    cache = model.make_cache()
+    for t in tokens(INTERVAL):
+        model(mx.array([[t]]), cache=cache)
+    assert scorer.seen and all(t is None for t, _ in scorer.seen)
+
+
+def test_kv_bits_store_quantised_tokens(fixture_namm, tmp_path):
+    model = tiny_model("llama", head_dim=64, hidden_size=128)
+    prompt = tokens(100)
+    namm_mlx.attach(model, fixture_namm, max_kv_size=48)
+    plain = make_prompt_cache(model)
+    namm_mlx.attach(model, fixture_namm, max_kv_size=48, kv_bits=8)
+    quant = make_prompt_cache(model)
+    assert all(isinstance(c, EvictingKVCache) and c.kv_bits == 8 for c in quant)
+    for start in range(0, len(prompt), INTERVAL):
+        chunk = mx.array([prompt[start : start + INTERVAL]])
+        out_plain, out_quant = model(chunk, cache=plain), model(chunk, cache=quant)
+        if start == 0:  # before any eviction: the same numbers as mlx-lm's own quantised cache
+            stock = model(chunk, cache=[QuantizedKVCache(64, 8) for _ in model.layers])
+            # (up to summation order, which this peaky random model amplifies)
+            to_stock = float(mx.abs(out_quant - stock).max())
+            to_plain = float(mx.abs(out_quant - out_plain).max())
+            assert to_stock < 0.2 * to_plain and to_stock < 1e-2 * float(mx.abs(stock).max())
+    c = quant[0]
+    assert isinstance(c.keys, tuple) and c.steps == 3 and c.length <= 48 + INTERVAL
+    assert c.kv_nbytes < 0.35 * plain[0].kv_nbytes  # 8 bits + a scale and bias per 64 values, vs float32
+
+    path = str(tmp_path / "q.safetensors")
+    save_prompt_cache(path, quant)
+    loaded = load_prompt_cache(path)
+    assert loaded[0].kv_bits == 8 and isinstance(loaded[0].keys, tuple)
+    follow = mx.array([tokens(20, seed=5)])
+    np.testing.assert_array_equal(np.asarray(model(follow, cache=loaded)), np.asarray(model(follow, cache=quant)))
+
+
+def test_mlx_lm_kv_bits_quantises_a_namm_cache(fixture_namm):
+    model = tiny_model("qwen2", hidden_size=256)
+    namm_mlx.attach(model, fixture_namm)
+    cache = make_prompt_cache(model)
+    out = list(generate_step(mx.array(tokens(70)), model, prompt_cache=cache, max_tokens=20,
+                             kv_bits=4, quantized_kv_start=0, prefill_step_size=INTERVAL))  # fmt: skip
+    assert len(out) == 20
+    assert all(isinstance(c, EvictingKVCache) and c.kv_bits == 4 and isinstance(c.keys, tuple) for c in cache)
+    assert all(c.steps >= 2 for c in cache)
+
+
+def test_bad_kv_bits_are_refused(fixture_namm):
+    with pytest.raises(ValueError, match="4 or 8"):
+        EvictingKVCache(NAMMScorer(fixture_namm), kv_bits=3)
