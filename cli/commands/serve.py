@@ -1,15 +1,27 @@
 """``namm serve``: mlx-lm's OpenAI-compatible server, with NAMM caches.
 
-The server is mlx-lm's own (``mlx_lm.server``); we only make the model it
-loads carry NAMM caches, so long chats and agent sessions stay within a memory
+The server is mlx-lm's own (``mlx_lm.server``); we make the model it loads
+carry NAMM caches, so long chats and agent sessions stay within a memory
 bound. NAMM caches are not batchable, so requests are served one at a time
 (mlx-lm does this by itself for caches without ``merge``).
+
+Serving one request at a time makes every unbounded request everybody's
+problem, so the handler adds three bounds mlx-lm lacks: a cap on
+``max_tokens``, a limit on requests waiting or running (503 past it), and a
+non-streaming request whose client hung up stops generating (mlx-lm notices
+only when a streamed write fails).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import select
+import socket
 import sys
-from typing import List, Optional
+import threading
+import time
+from typing import Any, List, Optional
 
 import typer
 
@@ -28,6 +40,15 @@ REFUSED = {
     "--kv-bits": "a quantized KV cache replaces the NAMM cache",
 }
 
+#: How often (seconds) a non-streaming generation checks that its client is still there.
+DISCONNECT_POLL_S = 0.1
+#: Bytes of freed buffers mlx may keep for reuse between requests (its default is
+#: the whole memory limit, so one long prompt's transient attention blocks stay
+#: resident for good).
+MLX_CACHE_LIMIT = 1 << 30
+#: Default ceiling on the bytes of KV caches kept for prompt reuse across requests.
+PROMPT_CACHE_BYTES = "2GB"
+
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
@@ -39,6 +60,12 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
     prefill_step_size: int = typer.Option(512, "--prefill-step-size"),
+    max_tokens_cap: int = typer.Option(
+        8192, "--max-tokens-cap", min=1, help="largest max_tokens a request may ask for (larger ones get HTTP 400)"
+    ),
+    queue_size: int = typer.Option(
+        8, "--queue-size", min=1, help="requests waiting or running at once; more get HTTP 503"
+    ),
 ) -> None:
     """Serve the OpenAI-compatible API (mlx-lm's server) with NAMM eviction.
 
@@ -51,13 +78,14 @@ def serve(
             name = arg.split("=", 1)[0]
             if name in REFUSED:
                 fail(f"{name} cannot be used with NAMM eviction: {REFUSED[name]}")
+        import mlx.core as mx
         import mlx_lm.server as server
 
         from namm_mlx.integration import as_scorer, attach
         from namm_mlx.models import resolve_model_path
 
+        scorer = None if no_namm else as_scorer(namm)  # fail now, before any model loads
         path = resolve_model_path(model)
-        scorer = None if no_namm else as_scorer(namm)  # fail now, not on the first request
         original_load = server.load
 
         def load_with_namm(*args, **kwargs):
@@ -67,6 +95,14 @@ def serve(
             return loaded
 
         server.load = load_with_namm
+        handler = guarded_handler(server.APIHandler, max_tokens_cap, queue_size)
+        original_http = server._run_http_server
+        server._run_http_server = lambda host, port, generator, **_: original_http(
+            host, port, generator, handler_class=handler
+        )
+        mx.set_cache_limit(MLX_CACHE_LIMIT)
+        if not any(a.split("=", 1)[0] == "--prompt-cache-bytes" for a in extra):
+            extra += ["--prompt-cache-bytes", PROMPT_CACHE_BYTES]
         sys.argv = [
             "mlx_lm.server",
             "--model", str(path),
@@ -80,3 +116,80 @@ def serve(
         server.main()
 
 
+class ClientGone(Exception):
+    """The client of a request closed its connection while it was generating."""
+
+
+def guarded_handler(base: type, max_tokens_cap: int, queue_size: int) -> type:
+    """mlx-lm's request handler with a ``max_tokens`` cap, a bounded queue and
+    disconnect detection (all requests share one generation thread)."""
+    slots = threading.BoundedSemaphore(queue_size)
+
+    class GuardedHandler(base):
+        def validate_model_parameters(self) -> None:
+            super().validate_model_parameters()
+            if self.max_tokens > max_tokens_cap:
+                raise ValueError(
+                    f"max_tokens {self.max_tokens} is above this server's cap of {max_tokens_cap} "
+                    "(namm serve --max-tokens-cap)"
+                )
+
+        def handle_completion(self, request: Any, stop_words: List[str]) -> None:
+            if not slots.acquire(blocking=False):
+                body = json.dumps(
+                    {"error": f"server busy: {queue_size} requests are already waiting or running; retry later"}
+                ).encode()
+                self._set_completion_headers(503)
+                self.send_header("Retry-After", "1")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            generator = self.response_generator
+            self.response_generator = _Watched(generator, self.connection)
+            try:
+                super().handle_completion(request, stop_words)
+            except (ClientGone, BrokenPipeError, ConnectionResetError):
+                logging.info("client disconnected: generation stopped")
+                self.close_connection = True
+            finally:
+                self.response_generator = generator
+                slots.release()
+
+    return GuardedHandler
+
+
+class _Watched:
+    """A response generator whose token stream stops (and stops generation)
+    once the request's client has closed its connection."""
+
+    def __init__(self, generator: Any, connection: socket.socket) -> None:
+        self._generator = generator
+        self._connection = connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._generator, name)
+
+    def generate(self, request: Any, args: Any, progress_callback: Any = None):
+        ctx, tokens = self._generator.generate(request, args, progress_callback=progress_callback)
+        return ctx, self._watch(ctx, tokens)
+
+    def _watch(self, ctx: Any, tokens: Any):
+        checked = time.monotonic()
+        for token in tokens:
+            yield token
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
+                if peer_closed(self._connection):
+                    ctx.stop()
+                    raise ClientGone()
+
+
+def peer_closed(connection: socket.socket) -> bool:
+    """True once the other end has closed: the socket reads as end-of-file
+    (a pipelined next request would read as data instead)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
