@@ -358,14 +358,14 @@ def test_pending_pairs_skip_recorded(tmp_path):
     items = _items()
     runs = [PolicyRun("full"), PolicyRun("knorm", Budget(keep_fraction=0.5))]
     done = [_record(items[0], runs[0]), _record(items[2], runs[1])]
-    todo = pending_pairs(items, runs, done, "online")
+    todo = pending_pairs(items, runs, done, "online", protocol="aware")
     assert [(r.label, i["_id"]) for r, i in todo] == [
         ("full", "t-1"), ("full", "t-2"), ("knorm@0.5", "t-0"), ("knorm@0.5", "t-1")]
     # an item whose content changed is not skipped even with the same id
     changed = dict(items[0], context="other")
-    assert pending_pairs([changed], runs[:1], done, "online") == [(runs[0], changed)]
+    assert pending_pairs([changed], runs[:1], done, "online", protocol="aware") == [(runs[0], changed)]
     # the same pair under the other baseline schedule is a different result
-    assert [(r.label, i["_id"]) for r, i in pending_pairs(items, runs[1:], done, "prompt")] == [
+    assert [(r.label, i["_id"]) for r, i in pending_pairs(items, runs[1:], done, "prompt", protocol="aware")] == [
         ("knorm@0.5", "t-0"), ("knorm@0.5", "t-1"), ("knorm@0.5", "t-2")]
 
 
@@ -389,7 +389,7 @@ def test_resume_from_predictions(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "evaluate_item", fake_evaluate)
     results = runner.run_eval(
-        None, None, items, runs, tmp_path, progress=False, log=lambda m: None, baseline_eviction="online"
+        None, None, items, runs, tmp_path, progress=False, log=lambda m: None, baseline_eviction="online", protocol="aware"
     )
     evaluated = [c for c in calls if c[0] != "attach"]
     assert evaluated == [("t-1", "full"), ("t-2", "full"), ("t-0", "knorm@0.5"), ("t-2", "knorm@0.5")]
@@ -404,7 +404,8 @@ def test_resume_from_predictions(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["by_task"] == results["by_task"]
     # a second run has nothing left to do
     calls.clear()
-    runner.run_eval(None, None, items, runs, tmp_path, progress=False, log=lambda m: None, baseline_eviction="online")
+    runner.run_eval(None, None, items, runs, tmp_path, progress=False, log=lambda m: None, baseline_eviction="online",
+                    protocol="aware")
     assert calls == []
 
 
@@ -544,7 +545,8 @@ def test_shared_prefill_matches_each_policy_own_prefill(tmp_path, tokenizer, sou
     budget = Budget(keep_fraction=0.3)
     policies = ["snapkv", "tova", "knorm", "streaming"]
     runs = [PolicyRun("full")] + [PolicyRun(p, budget) for p in policies]
-    results = runner.run_eval(model, tok, [item], runs, tmp_path, progress=False, log=lambda m: None, max_tokens=8)
+    results = runner.run_eval(model, tok, [item], runs, tmp_path, progress=False, log=lambda m: None, max_tokens=8,
+                              protocol="aware", baseline_eviction="prompt")
     records = {r["policy"]: r for r in read_predictions(tmp_path / "predictions.jsonl")}
     assert set(records) == {"full", *policies} and results["complete"]
     assert records["full"]["kept_fraction"] == 1.0
@@ -578,8 +580,164 @@ def test_resume_refuses_namm_results_from_other_weights(tmp_path):
     record = dict(_record(items[0], run), namm_sha=other)
     (tmp_path / "predictions.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(EvalError, match="other weights"):
-        runner.run_eval(None, None, items, [run], tmp_path, namm=zero, progress=False, log=lambda m: None)
+        runner.run_eval(None, None, items, [run], tmp_path, namm=zero, progress=False, log=lambda m: None, protocol="aware")
     # results of the same weights resume: nothing left to do, no model needed
     (tmp_path / "predictions.jsonl").write_text(json.dumps(dict(record, namm_sha=own)) + "\n")
-    results = runner.run_eval(None, None, items, [run], tmp_path, namm=zero, progress=False, log=lambda m: None)
+    results = runner.run_eval(None, None, items, [run], tmp_path, namm=zero, progress=False, log=lambda m: None, protocol="aware")
     assert results["complete"]
+
+
+# --------------------------------------------------------------------------- query-agnostic protocol
+
+
+def test_split_prompt_is_what_namm_chat_feeds(tokenizer, source):
+    from namm_mlx.eval.query_agnostic import HOP, QueryAgnosticError, split_prompt
+    from namm_mlx.session import first_turn_parts
+
+    (item,) = make_items(["passkey"], [700], 1, 3, source, tokenizer)
+    split = split_prompt(tokenizer, item)
+    before, after = first_turn_parts(tokenizer, item["context"])
+    chat_document = encode(tokenizer, before)
+    assert len(split.document) % HOP == 0 and 0 <= len(chat_document) - len(split.document) < HOP
+    assert split.document == chat_document[: len(split.document)]
+    assert split.question == chat_document[len(split.document):] + encode(tokenizer, item["input"] + after)
+    assert item["input"] not in tokenizer.decode(split.document) and not split.truncated
+    # too long: the document loses its middle, the question stays whole
+    short = split_prompt(tokenizer, item, max_prompt_tokens=300)
+    assert short.truncated and len(short.tokens) <= 300 and short.question[-len(split.question) + HOP:] == split.question[-len(split.question) + HOP:]
+    # a LongBench template is split at the question too; one that asks first cannot be
+    templated = split_prompt(tokenizer, item, templates={"passkey": "Text: {context}\nQuestion: {input}\nAnswer:"})
+    assert len(templated.document) % HOP == 0 and "Question:" not in tokenizer.decode(templated.document)
+    with pytest.raises(QueryAgnosticError, match="before the document"):
+        split_prompt(tokenizer, item, templates={"passkey": "Question: {input}\n{context}"})
+
+
+@pytest.fixture(scope="module")
+def wide_tiny_model(tokenizer):
+    """A tiny random llama with the real tokenizer's vocabulary (so prompts and
+    generation go through the real chat template and detokenizer)."""
+    from tiny_models import tiny_model
+
+    return tiny_model("llama", seed=1, vocab_size=len(tokenizer.vocab))
+
+
+def _random_namm(seed=0, scale=0.3):
+    from namm_mlx import NAMM
+
+    zero = NAMM.zeros()
+    vector = np.random.default_rng(seed).normal(0, scale, zero.to_flat().shape).astype(np.float32)
+    return NAMM.from_flat(vector, zero.norm_mean, zero.norm_var)
+
+
+def _qa_items(questions):
+    context = " ".join(f"Room {i} of the old house has a {c} door and {i + 2} windows." for i, c in
+                       zip(range(40), ["red", "blue", "green", "white"] * 10))
+    return [{"_id": f"q{i}", "dataset": "needle", "context": context, "input": q, "answers": ["red"], "length": 1024}
+            for i, q in enumerate(questions)]
+
+
+def test_query_agnostic_kept_sets_do_not_depend_on_the_question(tmp_path, tokenizer, wide_tiny_model):
+    """Every policy (full, NAMM ranked and at its threshold, every baseline),
+    evicting online at one fixed budget: two questions about one document leave
+    identical kept positions; the budget is the same number of tokens for all;
+    each pair records its recall."""
+    from namm_mlx.policies import POLICY_NAMES
+
+    items = _qa_items(["What colour is the door of room 0?", "How many windows does room 17 have, and why?"])
+    runs = [PolicyRun("namm")] + plan_runs(list(POLICY_NAMES), parse_budgets("0.3"), budget_namm=True)
+    assert [r.label for r in runs] == ["namm", "full", "namm@0.3", "streaming@0.3", "h2o@0.3", "snapkv@0.3", "tova@0.3",
+                                       "knorm@0.3", "random@0.3"]
+    results = runner.run_eval(wide_tiny_model, tokenizer, items, runs, tmp_path, namm=_random_namm(), max_tokens=2,
+                              progress=False, log=lambda m: None)
+    assert results["complete"] and results["protocol"] == "agnostic"
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    assert len(records) == 2 * len(runs)
+    by = {(r["_id"], r["policy"], r["budget"]): r for r in records}
+    doc = records[0]["document_tokens"]
+    assert doc > 512 and doc % 16 == 0  # at least one cadence step, then the forced one at the end
+    budget = math.ceil(0.3 * doc)
+    digests = set()
+    for run in runs:
+        a, b = by[("q0", run.policy, run.budget_label)], by[("q1", run.policy, run.budget_label)]
+        assert a["question_tokens"] != b["question_tokens"]
+        assert a["kept_digest"] == b["kept_digest"], run.label
+        assert a["protocol"] == "agnostic" and a["eviction"] == ("full" if run.policy == "full" else "online")
+        digests.add(a["kept_digest"])
+        for r in (a, b):
+            assert 0.0 <= r["recall"] <= 1.0 and 0.0 <= r["recall_final"] <= 1.0
+            assert len(r["recall_per_layer"]) == 3
+            if run.budget is not None:
+                assert r["max_kv_size"] == budget and r["kept_fraction"] == pytest.approx(budget / doc)
+                assert r["recall_offsets"] == [512, doc] and r["recall"] < 1.0
+    assert by[("q0", "full", "-")]["recall"] == 1.0 and by[("q0", "full", "-")]["kept_fraction"] == 1.0
+    assert len(digests) == len(runs)  # the digest tells policies apart
+    rows = {t["run"]: t for t in results["by_task"]}
+    assert rows["h2o@0.3"]["recall"] == pytest.approx((by[("q0", "h2o", "0.3")]["recall"] + by[("q1", "h2o", "0.3")]["recall"]) / 2, abs=1e-4)
+    lo, hi = rows["h2o@0.3"]["recall_ci"]
+    assert lo <= rows["h2o@0.3"]["recall"] <= hi and rows["full"]["score_ci"] is not None
+
+
+def test_recall_only_resume_and_protocols_kept_apart(tmp_path, tokenizer, wide_tiny_model):
+    items = _qa_items(["What colour is the door of room 0?"])
+    runs = [PolicyRun("full"), PolicyRun("knorm", Budget(max_kv_size=200))]
+    pred = tmp_path / "predictions.jsonl"
+    old = dict(_record(items[0], runs[0]), _id=items[0]["_id"])  # a question-aware record (no protocol field)
+    pred.write_text(json.dumps(old) + "\n")
+    logs = []
+    kwargs = dict(max_tokens=2, progress=False, log=logs.append)
+    results = runner.run_eval(wide_tiny_model, tokenizer, items, runs, tmp_path, recall_only=True, **kwargs)
+    assert any("question-aware protocol" in m for m in logs)
+    assert results["complete"] and {o["run"]: o["score"] for o in results["overall"]} == {"full": None, "knorm@kv200": None}
+    knorm = next(o for o in results["overall"] if o["run"] == "knorm@kv200")
+    assert knorm["n"] == 0 and knorm["n_recall"] == 1 and 0 < knorm["recall"] < 1
+    assert "-" in runner.format_table(results).splitlines()[-1].split()
+    fresh = [r for r in read_predictions(pred) if r.get("protocol") == "agnostic"]
+    assert len(fresh) == 2 and all(r["score"] is None and r["prediction"] is None for r in fresh)
+    # a scored run redoes the recall-only pairs; the old question-aware line stays and stays apart
+    results = runner.run_eval(wide_tiny_model, tokenizer, items, runs, tmp_path, **kwargs)
+    assert len(read_predictions(pred)) == 5
+    assert results["complete"] and all(o["score"] is not None and o["n"] == 1 for o in results["overall"])
+    # nothing is left to do for either kind of run
+    for recall_only in (False, True):
+        runner.run_eval(None, None, items, runs, tmp_path, recall_only=recall_only, **kwargs)
+    assert len(read_predictions(pred)) == 5
+    with pytest.raises(EvalError, match="query-agnostic"):
+        runner.run_eval(None, None, items, runs, tmp_path, recall_only=True, protocol="aware", **kwargs)
+
+
+def test_budgets_and_plans_of_the_query_agnostic_protocol():
+    runs = plan_runs(["full", "namm", "namm2", "h2o"], parse_budgets("0.25,1024"), budget_namm=True)
+    assert [r.label for r in runs] == ["full", "namm@0.25", "namm@kv1024", "namm2@0.25", "namm2@kv1024", "h2o@0.25",
+                                       "h2o@kv1024"]
+    # with --match namm the NAMM's own threshold run comes first; namm2 is not matched to itself
+    matched = plan_runs(["namm", "namm2", "h2o"], parse_budgets("0.5"), match="namm", budget_namm=True)
+    assert [r.label for r in matched] == ["namm", "namm@0.5", "namm2@0.5", "h2o@0.5", "h2o@match:namm"]
+    assert [r.label for r in plan_runs(["namm"], [], budget_namm=True)] == ["namm"]
+    # fractions of the document become tokens per layer, rounded up; token budgets stay
+    assert runner.document_budget(PolicyRun("h2o", Budget(keep_fraction=0.25)), "needle", 1001) == 251
+    assert runner.document_budget(PolicyRun("namm", Budget(max_kv_size=1024)), "needle", 4096) == 1024
+    assert runner.document_budget(PolicyRun("full"), "needle", 4096) is None
+    table = matched_budgets([{"policy": "namm", "budget": "-", "dataset": "needle", "length": 2048, "kept_fraction": 0.4},
+                             {"policy": "namm", "budget": "0.5", "dataset": "needle", "length": 2048, "kept_fraction": 0.5}])
+    assert table["needle@2048"]["n"] == 1  # only the NAMM's threshold run sets the match
+    assert runner.document_budget(PolicyRun("h2o", Budget(match="namm")), "needle", 2000, table, 2048) == 800
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_items():
+    from namm_mlx.eval.bootstrap import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    few, many = rng.integers(0, 2, 12).astype(float), rng.integers(0, 2, 400).astype(float)
+    lo, hi = bootstrap_interval([few])
+    assert lo <= few.mean() <= hi and 0.0 <= lo < hi <= 1.0
+    lo2, hi2 = bootstrap_interval([many])
+    assert lo2 <= many.mean() <= hi2 and (hi2 - lo2) < (hi - lo) / 2
+    assert bootstrap_interval([few]) == (lo, hi)  # fixed seed: the same interval every time
+    assert bootstrap_interval([[0.7] * 5]) == pytest.approx((0.7, 0.7))
+    assert bootstrap_interval([]) is None
+    # stratified: each task keeps its item count; the centre is the mean of the task means
+    lo3, hi3 = bootstrap_interval([[1.0] * 3, [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]])
+    assert lo3 <= (1.0 + 1 / 3) / 2 <= hi3 and lo3 >= 0.5

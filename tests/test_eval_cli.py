@@ -24,7 +24,7 @@ def _table_rows(output: str) -> dict[tuple[str, str], list[str]]:
     rows = {}
     for line in output.splitlines():
         cells = line.split()
-        if len(cells) == 9 and cells[3].isdigit():
+        if len(cells) >= 9 and cells[3].isdigit():
             rows[(cells[0], cells[1])] = cells
     return rows
 

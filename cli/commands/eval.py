@@ -1,10 +1,13 @@
 """``namm eval``: score eviction policies on long-context tasks.
 
 Synthetic tasks built from real public-domain texts (``--tasks``) or LongBench
-JSONL files (``--data``), every policy at a kept-fraction / absolute budget or
-at the NAMM's own measured budget (``--match namm``). Writes
-``results.json``, ``predictions.jsonl`` (resumable) and ``score_vs_kept.png``
-to ``--out``. The logic lives in ``namm_mlx.eval``.
+JSONL files (``--data``), every policy at fixed budgets (fractions of the
+document or tokens per layer) or at the NAMM's own measured budget
+(``--match namm``). By default the document is compressed before the question
+is seen, as in ``namm chat`` (``--query-aware`` puts the question in the
+compressed prompt instead), and every pair also gets its future-attention
+recall. Writes ``results.json``, ``predictions.jsonl`` (resumable) and
+``score_vs_kept.png`` to ``--out``. The logic lives in ``namm_mlx.eval``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ def eval_command(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="synthetic tasks: needle,multi_needle,passkey,kjv_verse,chapter (default: all)"),
     data: Optional[List[Path]] = typer.Option(None, "--data", help="LongBench JSONL file (repeatable); replaces --tasks"),
     budget: Optional[str] = typer.Option(
-        None, "--budget", help="baseline budgets: kept fractions (0.25,0.5) and/or tokens per layer (1024); default 0.5 unless --match"
+        None, "--budget",
+        help="budgets: fractions of the document (0.25,0.5: ceil(f x document tokens) per layer; with --query-aware, "
+        "a cap on the share of tokens seen) and/or tokens per layer (1024); default 0.5 unless --match",
     ),
     match: Optional[str] = typer.Option(None, "--match", help="'namm': also run each baseline at the NAMM's mean kept fraction per task and length"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per task and length (default 5); with --data, the first N per dataset"),
@@ -68,15 +73,23 @@ def eval_command(
     depths: Optional[str] = typer.Option(None, "--depths", help="needle depths in [0,1] cycled over items (default 0.1,0.5,0.9,0.3,0.7)"),
     seed: int = typer.Option(0, "--seed", help="seed for the synthetic items (and the random policy)"),
     namm: Optional[str] = typer.Option(None, "--namm", help="NAMM folder (default: the one shipped in weights/)"),
+    namm2: Optional[str] = typer.Option(None, "--namm2", help="a second NAMM folder, evaluated as policy 'namm2' (e.g. a distilled one)"),
     text: Optional[List[Path]] = typer.Option(None, "--text", help="text file for the tasks (.txt prose, .tsv KJV; repeatable; default: the `namm data fetch` cache)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="answer length for every item (default: per task / LongBench dataset)"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="prompt + answer token budget (default: the model's context)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="LongBench's config/dataset2prompt.json, for its official prompt templates"),
     baseline_eviction: str = typer.Option(
-        "prompt", "--baseline-eviction",
-        help="'prompt': baselines compress once after the prompt (kvpress-style, one shared prefill per item); "
-        "'online': they evict every 512 tokens like the NAMM",
+        "online", "--baseline-eviction",
+        help="'online': baselines evict every 512 tokens like the NAMM; 'prompt': they compress once, after the "
+        "document (with --query-aware: after the prompt, kvpress-style, one shared prefill per item)",
     ),
+    query_aware: bool = typer.Option(
+        False, "--query-aware", "--question-in-context",
+        help="question-aware one-shot protocol: compress the prompt with the question in it (default: the document "
+        "is read and compressed before the question, as in namm chat)",
+    ),
+    recall_only: bool = typer.Option(False, "--recall-only", help="only measure future-attention recall (no answers): cheap, for many items"),
+    no_recall: bool = typer.Option(False, "--no-recall", help="skip the future-attention recall (one full-cache pass per item)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress line on stderr"),
 ) -> None:
     """Evaluate eviction policies: a task x policy table, results.json, predictions.jsonl and a plot."""
@@ -97,8 +110,13 @@ def eval_command(
     from namm_mlx.eval.tasks import TASK_NAMES
     from namm_mlx.policies import POLICY_NAMES
 
-    register(EvalError, TaskError, DataFileError)
+    from namm_mlx.eval.query_agnostic import QueryAgnosticError
+
+    register(EvalError, TaskError, DataFileError, QueryAgnosticError)
+    protocol = "aware" if query_aware else "agnostic"
     with user_errors():
+        if recall_only and (query_aware or no_recall):
+            fail("--recall-only measures recall under the query-agnostic protocol: drop --query-aware / --no-recall")
         if data and tasks:
             fail("give either --tasks (synthetic) or --data (LongBench JSONL), not both")
         if limit is not None and limit < 1:
@@ -112,8 +130,12 @@ def eval_command(
             if not _namm_available(namm) and not match:
                 policies.remove("namm")
                 print("note: no NAMM installed in weights/default; skipping the namm policy (give --namm DIR)", file=sys.stderr)
+        if namm2 and "namm2" not in policies:
+            policies.insert(policies.index("namm") + 1 if "namm" in policies else 0, "namm2")
+        if "namm2" in policies and not namm2:
+            fail("the namm2 policy needs a second NAMM folder: give --namm2 DIR")
         budgets = parse_budgets(budget if budget is not None else (None if match else "0.5"))
-        runs = plan_runs(policies, budgets, match)
+        runs = plan_runs(policies, budgets, match, budget_namm=not query_aware)
         if any(r.policy == "namm" for r in runs) and not _namm_available(namm):
             fail("the namm policy needs a NAMM: give --namm DIR (none is installed in weights/default)")
         task_names = _csv(tasks) or list(TASK_NAMES)
@@ -163,8 +185,12 @@ def eval_command(
             "budgets": [b.label for b in budgets],
             "match": match,
             "match_scope": "task_length" if match else None,
+            "protocol": protocol,
             "baseline_eviction": baseline_eviction,
+            "recall": not no_recall and not query_aware,
+            "recall_only": recall_only,
             "namm": namm,
+            "namm2": namm2,
             "context_limit": context,
             "items": len(items),
             "command": "namm eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
@@ -172,9 +198,10 @@ def eval_command(
         try:
             results = run_eval(
                 loaded, tokenizer, items, runs, out,
-                namm=namm, seed=seed, context_limit=context, max_tokens=max_tokens,
+                namm=namm, namm2=namm2, seed=seed, context_limit=context, max_tokens=max_tokens,
                 templates=templates, config=config_out, progress=not no_progress,
-                baseline_eviction=baseline_eviction,
+                baseline_eviction=baseline_eviction, protocol=protocol,
+                recall=not no_recall, recall_only=recall_only,
             )
         except KeyboardInterrupt:
             print(f"\ninterrupted: finished pairs are in {out / 'predictions.jsonl'}; rerun the same command to resume", file=sys.stderr)
@@ -182,7 +209,9 @@ def eval_command(
         print(format_table(results))
         if results.get("matched_budgets"):
             for task, m in results["matched_budgets"].items():
-                if baseline_eviction == "prompt":
+                if protocol == "agnostic":
+                    print(f"matched budget on {task}: {m['kept_fraction']:.3f} of the document from {m['n']} NAMM items")
+                elif baseline_eviction == "prompt":
                     print(f"matched budget on {task}: keep_fraction {m['kept_fraction']:.3f} from {m['n']} NAMM items")
                 else:
                     print(f"matched budget on {task}: keep_fraction {m['step_kept_fraction']:.3f} "

@@ -1,39 +1,51 @@
 """Run evaluation items through every eviction policy and score the answers.
 
-One loop serves the synthetic tasks and LongBench JSONL files. The NAMM runs
-online, as it was trained: the prompt is prefilled through fresh caches from
-``make_prompt_cache(model)`` after :func:`namm_mlx.attach` (aligned 512-token
-chunks) and it evicts every 512 tokens. The answer is generated greedily with
-stock ``mlx_lm.stream_generate`` until EOS or the task's ``max_tokens``.
+One loop serves the synthetic tasks and LongBench JSONL files. Two protocols
+(``protocol``):
 
-Baselines have two schedules (``baseline_eviction``):
-
-* ``"prompt"`` (default): each baseline compresses once, right after the
-  prompt, with the whole prompt's attention in view (how kvpress applies its
-  presses, and the strongest, question-aware setting for them). Since nothing is
-  evicted before that point, one full-cache prefill per item serves the full
-  cache and every baseline and budget: the caches are forked
-  (:meth:`EvictingKVCache.fork`) and each fork runs its policy's ``evict_now``.
-  The prefill runs an unbudgeted H2O scorer, which evicts nothing but sums the
-  attention each token receives (what an H2O fork needs) and retains the last
-  queries (what SnapKV's window and TOVA need). Their prefill tok/s and peak
-  memory are therefore those of the shared full-cache prefill.
-* ``"online"``: each baseline runs separately at the NAMM's 512-token cadence
-  (SnapKV stays one-shot).
+* ``"agnostic"`` (default; what a user of ``namm chat`` lives with): the
+  document is read and compressed before the question is seen
+  (:mod:`namm_mlx.eval.query_agnostic`). Every policy evicts online while the
+  document is read (every 512 tokens, SnapKV with its observation window at
+  each step), runs one more step at the document's end, and only then gets the
+  question and generates greedily. Budgets are fixed: a fraction ``f`` means
+  ``ceil(f * document tokens)`` tokens per layer (the cache's ``max_kv_size``,
+  so at most that many are kept after every step), an integer means that many
+  tokens; both apply identically to the NAMM (ranked by its score, its
+  threshold ignored) and every baseline. With ``baseline_eviction="prompt"``
+  the baselines compress once, at the document's end, instead. Every (item,
+  run) also gets its future-attention recall (:mod:`namm_mlx.eval.recall`),
+  from one full-cache pass per item over document, question and teacher-forced
+  reference answer, shared by every policy; ``recall_only`` skips the answers.
+* ``"aware"`` (``--query-aware``): today's one-shot question-aware mode. The
+  whole prompt, question included, is prefilled before the answer. The NAMM
+  runs online (aligned 512-token chunks, a step every 512 tokens); baselines
+  have two schedules (``baseline_eviction``): ``"prompt"`` (each baseline
+  compresses once right after the prompt, with the whole prompt's attention in
+  view, as kvpress applies its presses; one full-cache prefill per item is
+  forked (:meth:`EvictingKVCache.fork`) for the full cache and every baseline
+  and budget, the prefill running an unbudgeted H2O scorer that sums received
+  attention and retains the last queries) or ``"online"`` (each baseline runs
+  separately at the NAMM's 512-token cadence; SnapKV stays one-shot). A
+  fraction budget here is the cache's ``keep_fraction``: after each step a
+  layer keeps at most that share of the tokens seen so far.
 
 Every finished (item, run) pair is appended to ``predictions.jsonl`` at once, so
 an interrupted run resumes where it stopped: pairs already in the file are
-skipped (matched on item id, a hash of the item's content, the policy and the
-budget label) and every summary is recomputed from the file.
+skipped (matched on item id, a hash of the item's content, the policy, the
+budget label, the schedule and the protocol, so results of the two protocols
+never mix) and every summary is recomputed from the file, with a 95% bootstrap
+interval per row (:mod:`namm_mlx.eval.bootstrap`).
 
-Budgets: a kept fraction (the cache's ``keep_fraction``: after each eviction
-step a layer keeps at most that share of the tokens seen) or an absolute size
-(``max_kv_size`` tokens per layer). ``full`` and ``namm`` take no budget: the
-NAMM decides how much to keep, and its mean kept fraction is reported.
-``--match namm`` runs each baseline, per task and prompt length, at the NAMM's
-mean kept fraction on those items: measured at the NAMM's last eviction step for the
-periodic baselines (so their budget caps the same quantity), and at the end of
-the prompt for one-shot baselines (which have no unevicted tail).
+``full`` takes no budget. Under ``"aware"`` neither does ``namm`` (it decides
+how much to keep); under ``"agnostic"`` the NAMM runs at every budget, plus its
+own threshold-0 run when ``--match namm`` asks for it. ``--match namm`` runs
+each baseline, per task and prompt length, at the NAMM's mean kept fraction:
+under ``"agnostic"`` the fraction of the document kept at its end; under
+``"aware"`` measured at the NAMM's last eviction step for the periodic
+baselines (so their budget caps the same quantity), and at the end of the
+prompt for one-shot baselines (which have no unevicted tail). A second NAMM
+(``namm2``, e.g. a distilled one) can be evaluated beside the first.
 """
 
 from __future__ import annotations
@@ -54,15 +66,25 @@ import numpy as np
 from ..cache import EvictingKVCache, evict_now
 from ..policies.baselines import H2OScorer
 from ..prefill import prefill
+from .bootstrap import bootstrap_interval
 from .metrics import max_new_tokens, metric_name, score_prediction
-from .prompts import prompt_tokens
+from .prompts import encode, prompt_tokens
+from .query_agnostic import SplitPrompt, document_kept_fraction, kept_digest, read_document, split_prompt
 
-#: Policies that take no budget.
-UNBUDGETED = ("full", "namm")
-#: Policies compressed once after the prompt under the ``"online"`` schedule.
+#: Policies scored by a NAMM: the shipped (or ``--namm``) one and a second one.
+NAMM_POLICIES = ("namm", "namm2")
+#: Policies that take no budget under the question-aware protocol.
+UNBUDGETED = ("full", *NAMM_POLICIES)
+#: Policies compressed once after the prompt under the ``"online"`` schedule
+#: of the question-aware protocol.
 ONE_SHOT = ("snapkv",)
-#: Baseline schedules: compress once after the prompt, or at the 512 cadence.
-BASELINE_EVICTION = ("prompt", "online")
+#: Baseline schedules: at the 512 cadence, or compress once (after the document
+#: or, question-aware, after the prompt).
+BASELINE_EVICTION = ("online", "prompt")
+#: Evaluation protocols: document compressed before the question, or question in context.
+PROTOCOLS = ("agnostic", "aware")
+#: Eviction cadence of every online policy (the NAMM's ``update_interval``).
+INTERVAL = 512
 #: Prompt queries kept through the shared prefill (SnapKV's window, TOVA's last).
 SHARED_QUERY_ROWS = 32
 PREDICTIONS = "predictions.jsonl"
@@ -130,30 +152,40 @@ class PolicyRun:
         return self.policy if self.budget is None else f"{self.policy}@{self.budget.label}"
 
 
-def plan_runs(policies: Sequence[str], budgets: Sequence[Budget], match: str | None = None) -> list[PolicyRun]:
-    """Every (policy, budget) run, the NAMM first (``match`` needs its numbers).
+def plan_runs(
+    policies: Sequence[str], budgets: Sequence[Budget], match: str | None = None, budget_namm: bool = False
+) -> list[PolicyRun]:
+    """Every (policy, budget) run, the NAMMs' own runs first (``match`` needs them).
 
     ``match="namm"`` adds a matched budget for every baseline (and the NAMM run
     if it was not asked for). Baselines with neither budgets nor ``match`` fail.
+    budget_namm: the NAMMs run at every budget too (ranked, the query-agnostic
+    protocol), and at their own threshold only under ``match`` or without budgets.
     """
     from ..policies import POLICY_NAMES
 
+    known = (*POLICY_NAMES, *NAMM_POLICIES[1:])
     policies = list(dict.fromkeys(p.strip() for p in policies if p.strip()))
-    unknown = [p for p in policies if p not in POLICY_NAMES]
+    unknown = [p for p in policies if p not in known]
     if unknown:
-        raise EvalError(f"unknown polic{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; known: {', '.join(POLICY_NAMES)}")
+        raise EvalError(f"unknown polic{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; known: {', '.join(known)}")
     if match not in (None, "namm"):
         raise EvalError(f"--match only knows 'namm', got {match!r}")
     if match and "namm" not in policies:
         policies.insert(0, "namm")
-    ordered = [p for p in ("namm", "full") if p in policies] + [p for p in policies if p not in UNBUDGETED]
+    namms = [p for p in NAMM_POLICIES if p in policies]
     runs: list[PolicyRun] = []
-    for policy in ordered:
-        if policy in UNBUDGETED:
+    for policy in namms:
+        if not budget_namm or not budgets or (match and policy == "namm"):
             runs.append(PolicyRun(policy))
-            continue
-        chosen = list(budgets) + ([Budget(match=match)] if match else [])
+    if "full" in policies:
+        runs.append(PolicyRun("full"))
+    budgeted = (namms if budget_namm else []) + [p for p in policies if p not in UNBUDGETED]
+    for policy in budgeted:
+        chosen = list(budgets) + ([Budget(match=match)] if match and policy not in NAMM_POLICIES else [])
         if not chosen:
+            if policy in NAMM_POLICIES:
+                continue
             raise EvalError(f"policy {policy!r} needs a budget (--budget F or --match namm)")
         runs.extend(PolicyRun(policy, b) for b in chosen)
     return runs
@@ -174,7 +206,8 @@ def matched_budgets(records: Iterable[Mapping[str, Any]], scope: str = "task_len
     (``scope="task"``) or over all items (key ``"*"``, ``scope="overall"``).
     Items without a length (LongBench files) group by dataset.
 
-    Each entry: ``kept_fraction`` (mean at the end of the prompt),
+    Each entry: ``kept_fraction`` (mean at the end of the prompt; under the
+    query-agnostic protocol, at the end of the document),
     ``step_kept_fraction`` (mean at the NAMM's last eviction step; the end-of-prompt
     value for items where it never stepped) and ``n``.
     """
@@ -182,7 +215,7 @@ def matched_budgets(records: Iterable[Mapping[str, Any]], scope: str = "task_len
         raise EvalError(f"match scope must be one of {', '.join(MATCH_SCOPES)}, got {scope!r}")
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
-        if r.get("policy") == "namm":
+        if r.get("policy") == "namm" and r.get("budget", "-") == "-":
             key = {"task_length": match_key(r["dataset"], r.get("length")), "task": r["dataset"], "overall": "*"}[scope]
             groups.setdefault(key, []).append(r)
     out = {}
@@ -223,6 +256,36 @@ def effective_budget(
     return run.budget.keep_fraction, run.budget.max_kv_size
 
 
+def document_budget(
+    run: PolicyRun,
+    dataset: str,
+    document_tokens: int,
+    matched: Mapping[str, Mapping[str, float]] | None = None,
+    length: int | None = None,
+) -> int | None:
+    """Tokens per layer (``max_kv_size``) ``run`` may keep under the query-agnostic
+    protocol, for an item whose document part has ``document_tokens`` tokens.
+
+    A fraction ``f`` (or the NAMM's matched kept fraction of the document) is
+    ``ceil(f * document_tokens)``: a fixed budget that holds after every step,
+    unlike the question-aware protocol's ``keep_fraction``, which caps the share
+    of the tokens seen so far. None: no budget (full, the NAMM's own threshold).
+    """
+    if run.budget is None:
+        return None
+    if run.budget.max_kv_size is not None:
+        return run.budget.max_kv_size
+    if run.budget.match:
+        table = matched or {}
+        m = table.get(match_key(dataset, length)) or table.get(dataset) or table.get("*")
+        if m is None:
+            raise EvalError(f"no NAMM results on {dataset!r} to match {run.policy}'s budget to")
+        fraction = min(1.0, max(m["kept_fraction"], 1e-6))
+    else:
+        fraction = run.budget.keep_fraction
+    return max(1, math.ceil(fraction * document_tokens))
+
+
 # --------------------------------------------------------------------------- predictions file
 
 
@@ -232,23 +295,31 @@ def item_hash(item: Mapping[str, Any]) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
 
 
-def _schedule(policy: str, baseline_eviction: str) -> str:
-    """What a pair's result depends on besides item, policy and budget."""
-    if policy in UNBUDGETED:
-        return "-" if policy == "namm" else "full"
-    return "prompt" if is_one_shot(policy, baseline_eviction) else "online"
+def _schedule(policy: str, baseline_eviction: str, protocol: str = "agnostic") -> str:
+    """What a pair's result depends on besides item, policy, budget and protocol."""
+    if policy == "full":
+        return "full"
+    if protocol == "aware":
+        return "-" if policy in NAMM_POLICIES else ("prompt" if is_one_shot(policy, baseline_eviction) else "online")
+    return "online" if policy in NAMM_POLICIES else baseline_eviction
 
 
 def pair_key(
-    item_or_record: Mapping[str, Any], run: PolicyRun | None = None, baseline_eviction: str = "prompt"
-) -> tuple[str, str, str, str, str]:
-    """``(_id, item_hash, policy, budget label, schedule)`` of a record, or of an
-    item and a run (records written before schedules existed were online)."""
+    item_or_record: Mapping[str, Any],
+    run: PolicyRun | None = None,
+    baseline_eviction: str = "online",
+    protocol: str = "agnostic",
+) -> tuple[str, str, str, str, str, str]:
+    """``(_id, item_hash, policy, budget label, schedule, protocol)`` of a record,
+    or of an item and a run. Records written before schedules existed were
+    online; records without a protocol are question-aware (the only one then)."""
     r = item_or_record
     if run is None:
-        schedule = r.get("eviction") or _schedule(r["policy"], "online")
-        return (str(r["_id"]), r["item_hash"], r["policy"], r["budget"], schedule)
-    return (str(r["_id"]), item_hash(r), run.policy, run.budget_label, _schedule(run.policy, baseline_eviction))
+        schedule = r.get("eviction") or _schedule(r["policy"], "online", "aware")
+        return (str(r["_id"]), r["item_hash"], r["policy"], r["budget"], schedule, r.get("protocol") or "aware")
+    return (
+        str(r["_id"]), item_hash(r), run.policy, run.budget_label, _schedule(run.policy, baseline_eviction, protocol), protocol
+    )
 
 
 def read_predictions(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
@@ -285,11 +356,28 @@ def pending_pairs(
     items: Sequence[Mapping[str, Any]],
     runs: Sequence[PolicyRun],
     records: Iterable[Mapping[str, Any]],
-    baseline_eviction: str = "prompt",
+    baseline_eviction: str = "online",
+    protocol: str = "agnostic",
+    recall_only: bool = False,
 ) -> list[tuple[PolicyRun, Mapping[str, Any]]]:
-    """The (run, item) pairs not yet in ``records``, run-major."""
-    done = {pair_key(r) for r in records}
-    return [(run, item) for run in runs for item in items if pair_key(item, run, baseline_eviction) not in done]
+    """The (run, item) pairs not yet in ``records``, run-major. A recall-only
+    record (no score) completes a pair only for a recall-only run."""
+    done = {pair_key(r) for r in records if recall_only or r.get("score") is not None}
+    return [
+        (run, item) for run in runs for item in items if pair_key(item, run, baseline_eviction, protocol) not in done
+    ]
+
+
+def latest_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One record per pair: the last one written, unless only an earlier one has a
+    score (a recall-only record never hides a scored one)."""
+    chosen: dict[tuple, Mapping[str, Any]] = {}
+    for r in records:
+        key = pair_key(r)
+        if key in chosen and r.get("score") is None and chosen[key].get("score") is not None:
+            continue
+        chosen[key] = r
+    return list(chosen.values())
 
 
 # --------------------------------------------------------------------------- one item
@@ -408,10 +496,13 @@ def _record(
     max_kv_size: int | None,
     truncated: bool,
     eviction: str,
+    protocol: str = "aware",
 ) -> dict[str, Any]:
+    """The predictions-file line of one (item, run); no prediction (recall only): no score."""
     dataset = item.get("dataset", "")
     answers = item["answers"] if isinstance(item["answers"], list) else [item["answers"]]
-    score = score_prediction(dataset, out["prediction"], answers, item.get("all_classes"))
+    prediction = out["prediction"]
+    score = None if prediction is None else score_prediction(dataset, prediction, answers, item.get("all_classes"))
     return {
         "_id": str(item["_id"]),
         "item_hash": item_hash(item),
@@ -420,6 +511,7 @@ def _record(
         "depth": item.get("depth"),
         "policy": run.policy,
         "budget": run.budget_label,
+        "protocol": protocol,
         "eviction": eviction,
         "keep_fraction_cap": keep_fraction,
         "max_kv_size": max_kv_size,
@@ -449,7 +541,7 @@ def evaluate_item(
     already be attached for ``run``; baselines other than SnapKV evict online)."""
     prompt, truncated, limit = prepare_prompt(tokenizer, item, context_limit, max_tokens, templates)
     out = generate_answer(model, tokenizer, prompt, limit, run.policy in ONE_SHOT, prefill_step_size)
-    return _record(item, run, out, keep_fraction, max_kv_size, truncated, _schedule(run.policy, "online"))
+    return _record(item, run, out, keep_fraction, max_kv_size, truncated, _schedule(run.policy, "online", "aware"))
 
 
 def shared_prefill_scorer() -> H2OScorer:
@@ -502,9 +594,107 @@ def evaluate_item_shared(
             "peak_memory_gb": round(peak / 1e9, 4),
         }
         del forks
-        yield _record(item, run, out, keep_fraction, max_kv_size, truncated, _schedule(run.policy, "prompt"))
+        yield _record(item, run, out, keep_fraction, max_kv_size, truncated, _schedule(run.policy, "prompt", "aware"))
     del cache
     mx.clear_cache()
+
+
+def _recall_fields(future: Any, trace: Sequence[Any] | None) -> dict[str, Any]:
+    """Future-attention recall of a kept-set trace: mean over steps, at the
+    document's end, from the question and answer only, per layer and per step."""
+    from .recall import future_attention_recall
+
+    if future is None or not trace:
+        return {}
+    result = future_attention_recall(future, trace)
+    rounded = lambda values: [round(float(v), 5) for v in values]  # noqa: E731
+    question = result.question_final
+    return {
+        "recall": round(result.mean, 6),
+        "recall_final": round(result.final, 6),
+        "recall_question": None if math.isnan(question) else round(question, 6),
+        "recall_per_layer": rounded(result.per_layer),
+        "recall_per_step": rounded(result.per_step),
+        "recall_offsets": list(result.offsets),
+    }
+
+
+def record_future(model: Any, tokenizer: Any, item: Mapping[str, Any], split: SplitPrompt, step: int = INTERVAL) -> Any:
+    """The full-cache future attention of an item (document, question, then the
+    teacher-forced reference answer), shared by every policy's recall. The model
+    must not be attached (the recording attaches and detaches its own scorer)."""
+    from .likelihood import reference_answer
+    from .recall import record_future_attention
+
+    if not split.document:
+        return None
+    try:
+        answer = encode(tokenizer, reference_answer(item))
+    except ValueError:
+        answer = []
+    return record_future_attention(model, split.tokens + answer, len(split.document), step)
+
+
+def evaluate_item_agnostic(
+    model: Any,
+    tokenizer: Any,
+    item: Mapping[str, Any],
+    run: PolicyRun,
+    split: SplitPrompt,
+    limit: int,
+    *,
+    max_kv_size: int | None = None,
+    eviction: str = "online",
+    future: Any = None,
+    recall_only: bool = False,
+    prefill_step_size: int = INTERVAL,
+) -> dict[str, Any]:
+    """One query-agnostic prediction record (the model must already be attached
+    for ``run`` with ``max_kv_size``).
+
+    The document part is read and compressed first (:func:`read_document`),
+    the kept set and its recall against ``future`` are recorded, then the
+    question part is fed and the answer generated greedily (skipped with
+    ``recall_only``). ``kept_fraction`` is the share of the document kept at its
+    end; ``prompt_kept_fraction`` the share of the prompt kept before the answer.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    trace = read_document(model, caches, split.document, prefill_step_size, trace=future is not None)
+    document_seconds = time.perf_counter() - start
+    out: dict[str, Any] = {
+        "document_tokens": len(split.document),
+        "question_tokens": len(split.question),
+        "prompt_tokens": len(split.document) + len(split.question),
+        "kept_fraction": document_kept_fraction(caches),
+        "kept_digest": kept_digest(caches),
+        "document_seconds": round(document_seconds, 4),
+        **_recall_fields(future, trace),
+    }
+    if recall_only:
+        out.update(prediction=None, generated_tokens=0, decode_tps=0.0, kv_cache_mb=cache_stats(caches)["kv_cache_mb"],
+                   prefill_seconds=round(document_seconds, 4),
+                   prefill_tps=round(len(split.document) / document_seconds, 2) if document_seconds > 0 else 0.0)
+    else:
+        start = time.perf_counter()
+        prefill(model, caches, split.question[:-1], prefill_step_size)
+        seconds = document_seconds + time.perf_counter() - start
+        stats = cache_stats(caches)
+        out.update(
+            prompt_kept_fraction=stats["kept_fraction"],
+            step_kept_fraction=stats["step_kept_fraction"],
+            kv_cache_mb=stats["kv_cache_mb"],
+            prefill_seconds=round(seconds, 4),
+            prefill_tps=round((out["prompt_tokens"] - 1) / seconds, 2) if seconds > 0 else 0.0,
+            **_decode(model, tokenizer, split.question[-1:], caches, limit, prefill_step_size),
+        )
+    out["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 4)
+    del caches
+    mx.clear_cache()
+    return _record(item, run, out, None, max_kv_size, split.truncated, eviction, "agnostic")
 
 
 # --------------------------------------------------------------------------- summaries
@@ -514,15 +704,32 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _scored(rows: Sequence[Mapping[str, Any]], field: str) -> list[float]:
+    return [float(r[field]) for r in rows if r.get(field) is not None]
+
+
+def _interval(groups: Sequence[Sequence[float]], scale: float, digits: int) -> list[float] | None:
+    ci = bootstrap_interval(groups)
+    return None if ci is None else [round(scale * ci[0], digits), round(scale * ci[1], digits)]
+
+
 def _aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One table row: the mean task score (100 x, with its 95% bootstrap interval),
+    recall (with its interval), kept fraction, memory and speed."""
+    scores, recalls = _scored(rows, "score"), _scored(rows, "recall")
     prefill_s = sum(r["prefill_seconds"] for r in rows)
     decode_s = sum(r["generated_tokens"] / r["decode_tps"] for r in rows if r.get("decode_tps"))
     return {
-        "n": len(rows),
-        "score": round(100 * _mean([r["score"] for r in rows]), 2),
+        "n": len(scores),
+        "score": round(100 * _mean(scores), 2) if scores else None,
+        "score_ci": _interval([scores], 100, 2),
+        "n_recall": len(recalls),
+        "recall": round(_mean(recalls), 4) if recalls else None,
+        "recall_ci": _interval([recalls], 1, 4),
+        "recall_final": round(_mean(_scored(rows, "recall_final")), 4) if recalls else None,
         "kept_fraction": round(_mean([r["kept_fraction"] for r in rows]), 4),
         "peak_memory_gb": round(max(r["peak_memory_gb"] for r in rows), 3),
-        "kv_cache_mb": round(_mean([r["kv_cache_mb"] for r in rows]), 2),
+        "kv_cache_mb": round(_mean(_scored(rows, "kv_cache_mb")), 2) if _scored(rows, "kv_cache_mb") else None,
         "prefill_tps": round(sum(r["prompt_tokens"] - 1 for r in rows) / prefill_s, 1) if prefill_s else 0.0,
         "decode_tps": round(sum(r["generated_tokens"] for r in rows) / decode_s, 1) if decode_s else 0.0,
     }
@@ -531,8 +738,11 @@ def _aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def summarize(records: Sequence[Mapping[str, Any]], runs: Sequence[PolicyRun] | None = None) -> dict[str, Any]:
     """Per task × run, per task × length × run and overall (mean over tasks) rows.
 
-    Scores are 100 × the mean item score (LongBench's scale)."""
+    Scores are 100 × the mean item score (LongBench's scale); every row carries
+    a 95% percentile-bootstrap interval over its items (``score_ci``,
+    ``recall_ci``; stratified by task for the overall rows)."""
     order = {r.label: i for i, r in enumerate(runs or [])}
+    records = latest_records(records)
 
     def run_label(r: Mapping[str, Any]) -> str:
         return r["policy"] if r["budget"] == "-" else f"{r['policy']}@{r['budget']}"
@@ -554,10 +764,14 @@ def summarize(records: Sequence[Mapping[str, Any]], runs: Sequence[PolicyRun] | 
     by_length = [row(k, lengths[k], ("task", "length", "run")) for k in sorted(lengths, key=sort_key)]
     overall = []
     per_run: dict[str, list] = {}
-    for t in by_task:
-        per_run.setdefault(t["run"], []).append(t)
+    for (task, label), rows in tasks.items():
+        per_run.setdefault(label, []).append(rows)
+    task_rows = {(t["task"], t["run"]): t for t in by_task}
     for label in sorted(per_run, key=lambda l: (order.get(l, len(order)), l)):
-        rows = per_run[label]
+        groups = per_run[label]
+        rows = [task_rows[(g[0]["dataset"], label)] for g in groups]
+        scores = [t["score"] for t in rows if t["score"] is not None]
+        recalls = [t["recall"] for t in rows if t["recall"] is not None]
         overall.append(
             {
                 "run": label,
@@ -565,7 +779,11 @@ def summarize(records: Sequence[Mapping[str, Any]], runs: Sequence[PolicyRun] | 
                 "budget": rows[0]["budget"],
                 "tasks": len(rows),
                 "n": sum(t["n"] for t in rows),
-                "score": round(_mean([t["score"] for t in rows]), 2),
+                "score": round(_mean(scores), 2) if scores else None,
+                "score_ci": _interval([_scored(g, "score") for g in groups], 100, 2),
+                "n_recall": sum(t["n_recall"] for t in rows),
+                "recall": round(_mean(recalls), 4) if recalls else None,
+                "recall_ci": _interval([_scored(g, "recall") for g in groups], 1, 4),
                 "kept_fraction": round(_mean([t["kept_fraction"] for t in rows]), 4),
                 "peak_memory_gb": max(t["peak_memory_gb"] for t in rows),
                 "prefill_tps": round(_mean([t["prefill_tps"] for t in rows]), 1),
@@ -576,20 +794,33 @@ def summarize(records: Sequence[Mapping[str, Any]], runs: Sequence[PolicyRun] | 
     return {"by_task": by_task, "by_length": by_length, "overall": overall, "metrics": metrics}
 
 
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ci_cell(ci: Sequence[float] | None, spec: str) -> str:
+    return "-" if ci is None else f"{format(ci[0], spec)}-{format(ci[1], spec)}"
+
+
 def format_table(summary: Mapping[str, Any]) -> str:
-    """task × run table: score, mean kept fraction, peak memory, prefill/decode tok/s."""
-    head = ("task", "policy", "budget", "n", "score", "kept", "peak GB", "prefill tok/s", "decode tok/s")
-    rows = [
-        (t["task"], t["policy"], t["budget"], str(t["n"]), f"{t['score']:.2f}", f"{t['kept_fraction']:.3f}",
-         f"{t['peak_memory_gb']:.2f}", f"{t['prefill_tps']:.1f}", f"{t['decode_tps']:.1f}")
-        for t in summary["by_task"]
-    ]
+    """task × run table: score, mean kept fraction, the score's 95% interval,
+    future-attention recall and its interval (when measured), peak memory,
+    prefill/decode tok/s."""
+    with_recall = any(t.get("recall") is not None for t in summary["by_task"])
+    head = ("task", "policy", "budget", "n", "score", "kept", "score 95% CI")
+    head += ("recall", "recall 95% CI") if with_recall else ()
+    head += ("peak GB", "prefill tok/s", "decode tok/s")
+
+    def cells(task: str, t: Mapping[str, Any]) -> tuple[str, ...]:
+        row = (task, t["policy"], t["budget"], str(t["n"]), _cell(t["score"], ".2f"), f"{t['kept_fraction']:.3f}",
+               _ci_cell(t.get("score_ci"), ".1f"))
+        if with_recall:
+            row += (_cell(t.get("recall"), ".3f"), _ci_cell(t.get("recall_ci"), ".3f"))
+        return row + (f"{t['peak_memory_gb']:.2f}", f"{t['prefill_tps']:.1f}", f"{t['decode_tps']:.1f}")
+
+    rows = [cells(t["task"], t) for t in summary["by_task"]]
     if len({t["task"] for t in summary["by_task"]}) > 1:
-        rows += [
-            ("(mean)", o["policy"], o["budget"], str(o["n"]), f"{o['score']:.2f}", f"{o['kept_fraction']:.3f}",
-             f"{o['peak_memory_gb']:.2f}", f"{o['prefill_tps']:.1f}", f"{o['decode_tps']:.1f}")
-            for o in summary["overall"]
-        ]
+        rows += [cells("(mean)", o) for o in summary["overall"]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     lines.append("  ".join("-" * w for w in widths))
@@ -655,19 +886,37 @@ def namm_fingerprint(scorer: Any) -> str:
     return digest.hexdigest()[:12]
 
 
-def _make_scorer(policy: str, namm_scorer: Any, seed: int, one_shot: bool = False) -> Any:
+def _make_scorer(
+    policy: str, namm_scorer: Any, seed: int, one_shot: bool = False, ranked: bool = False, interval: int | None = None
+) -> Any:
+    """The scorer of one run: a NAMM (``ranked``: top tokens up to the cache's
+    budget, its threshold ignored) or a baseline (one-shot, or every ``interval``
+    tokens; without either its own default cadence)."""
     from ..policies import make_scorer
 
-    if policy == "namm":
-        return make_scorer("namm", namm=namm_scorer)
+    if policy in NAMM_POLICIES:
+        return make_scorer("namm", namm=namm_scorer, ranked=True) if ranked else make_scorer("namm", namm=namm_scorer)
     params: dict[str, Any] = {"seed": seed} if policy == "random" else {}
     if one_shot:
         params["interval"] = None
+    elif interval is not None:
+        params["interval"] = interval
     return make_scorer(policy, **params)
 
 
 def _item_weight(item: Mapping[str, Any]) -> float:
     return float(item.get("length") or 0) or len(item.get("context", "")) / 4 + 1
+
+
+def _check_namm_results(records: Sequence[Mapping[str, Any]], fingerprints: Mapping[str, str], pred_path: Path) -> None:
+    """Refuse to resume NAMM results made with other weights than the given ones."""
+    for policy, fingerprint in fingerprints.items():
+        stale = {r.get("namm_sha") for r in records if r.get("policy") == policy} - {None, fingerprint}
+        if stale:
+            raise EvalError(
+                f"{pred_path} holds {policy} results from other weights ({', '.join(sorted(stale))}, now {fingerprint}): "
+                f"resuming would mix them; use a new --out, or delete its {policy} and match:namm lines"
+            )
 
 
 def run_eval(
@@ -678,6 +927,7 @@ def run_eval(
     out_dir: str | Path,
     *,
     namm: Any = None,
+    namm2: Any = None,
     seed: int = 0,
     context_limit: int | None = None,
     max_tokens: int | None = None,
@@ -687,21 +937,33 @@ def run_eval(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     stream: TextIO | None = None,
-    baseline_eviction: str = "prompt",
+    baseline_eviction: str = "online",
+    protocol: str = "agnostic",
+    recall: bool = True,
+    recall_only: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``items`` under every run, resuming from ``out_dir/predictions.jsonl``.
 
-    namm: a NAMM, NAMM folder or scorer (needed when a run uses the ``namm``
-    policy). baseline_eviction: ``"prompt"`` (baselines compress once after the
-    prompt, sharing one prefill per item with the full cache) or ``"online"``
-    (each baseline evicts every 512 tokens in its own prefill). Returns the
-    results dict also written to ``out_dir/results.json``;
+    namm / namm2: a NAMM, NAMM folder or scorer (needed when a run uses the
+    ``namm`` / ``namm2`` policy; ``namm`` defaults to the shipped one).
+    protocol: ``"agnostic"`` (document compressed before the question) or
+    ``"aware"`` (question in the compressed prompt); see the module docstring.
+    baseline_eviction: ``"online"`` (every 512 tokens) or ``"prompt"`` (once,
+    after the document or, question-aware, after the prompt, sharing one
+    prefill per item with the full cache). recall: measure each pair's
+    future-attention recall (query-agnostic only); recall_only: and skip the
+    answers. Returns the results dict also written to ``out_dir/results.json``;
     ``out_dir/score_vs_kept.png`` is drawn from it.
     """
     from ..integration import as_scorer, attach, detach
 
     if baseline_eviction not in BASELINE_EVICTION:
         raise EvalError(f"baseline eviction must be one of {', '.join(BASELINE_EVICTION)}, got {baseline_eviction!r}")
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if recall_only and (protocol != "agnostic" or not recall):
+        raise EvalError("recall-only evaluation needs the query-agnostic protocol with recall")
+    recall = recall and protocol == "agnostic"
 
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out_dir)
@@ -710,23 +972,30 @@ def run_eval(
     ids = [str(i["_id"]) for i in items]
     if len(set(ids)) != len(ids):
         raise EvalError("item ids (_id) are not unique")
-    namm_scorer = as_scorer(namm) if any(r.policy == "namm" for r in runs) else None
-    fingerprint = namm_fingerprint(namm_scorer) if namm_scorer is not None else None
+    namm_scorers: dict[str, Any] = {}
+    for policy, source in (("namm", namm), ("namm2", namm2)):
+        if any(r.policy == policy for r in runs):
+            if policy == "namm2" and source is None:
+                raise EvalError("the namm2 policy needs a second NAMM (--namm2 DIR)")
+            namm_scorers[policy] = as_scorer(source)
+    fingerprints = {policy: namm_fingerprint(scorer) for policy, scorer in namm_scorers.items()}
     records = read_predictions(pred_path, repair=True)
-    stale = {r.get("namm_sha") for r in records if r.get("policy") == "namm"} - {None, fingerprint}
-    if fingerprint and stale:
-        raise EvalError(
-            f"{pred_path} holds NAMM results from other weights ({', '.join(sorted(stale))}, now {fingerprint}): "
-            "resuming would mix them; use a new --out, or delete its namm and match:namm lines"
-        )
-    todo = pending_pairs(items, runs, records, baseline_eviction)
+    _check_namm_results(records, fingerprints, pred_path)
+    other = sum(1 for r in records if (r.get("protocol") or "aware") != protocol)
+    if other:
+        name = {"agnostic": "query-agnostic", "aware": "question-aware"}[next(p for p in PROTOCOLS if p != protocol)]
+        log(f"note: {other} records in {pred_path} were made under the {name} protocol; they stay apart from this table")
+    todo = pending_pairs(items, runs, records, baseline_eviction, protocol, recall_only)
     if records and len(todo) < len(items) * len(runs):
         log(f"resuming: {len(items) * len(runs) - len(todo)} of {len(items) * len(runs)} item x policy pairs already in {pred_path}")
-    shared = baseline_eviction == "prompt"
+    shared = baseline_eviction == "prompt" and protocol == "aware"
     per_item = {id(i): sum(1 for _, j in todo if j is i) for i in items}
-    weights = [_item_weight(i) / (per_item[id(i)] if shared and r.policy != "namm" else 1) for r, i in todo]
-    bar = Progress(weights, stream=stream, enabled=progress)
-    plan_keys = {pair_key(i, r, baseline_eviction) for r in runs for i in items}
+
+    def weight(run: PolicyRun, item: Mapping[str, Any]) -> float:
+        return _item_weight(item) / (per_item[id(item)] if shared and run.policy not in NAMM_POLICIES else 1)
+
+    bar = Progress([weight(r, i) for r, i in todo], stream=stream, enabled=progress)
+    plan_keys = {pair_key(i, r, baseline_eviction, protocol) for r in runs for i in items}
     options = dict(context_limit=context_limit, max_tokens=max_tokens, templates=templates, prefill_step_size=prefill_step_size)
     matched_cache: dict[str, dict[str, float]] = {}
 
@@ -745,49 +1014,122 @@ def run_eval(
         with open(pred_path, "a", encoding="utf-8") as sink:
 
             def emit(record: dict[str, Any], item: Mapping[str, Any], run: PolicyRun) -> None:
-                if fingerprint and (run.policy == "namm" or (run.budget is not None and run.budget.match)):
-                    record["namm_sha"] = fingerprint
+                if run.policy in fingerprints:
+                    record["namm_sha"] = fingerprints[run.policy]
+                elif run.budget is not None and run.budget.match and "namm" in fingerprints:
+                    record["namm_sha"] = fingerprints["namm"]
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
-                bar.advance(_item_weight(item) / (per_item[id(item)] if shared and run.policy != "namm" else 1), f"{item['_id']} {run.label}")
+                bar.advance(weight(run, item), f"{item['_id']} {run.label}")
 
-            for run in runs:
-                if shared and run.policy != "namm":
-                    continue
-                groups: dict[tuple, list] = {}
-                for r, item in todo:
-                    if r == run:
-                        groups.setdefault(budget_of(run, item), []).append(item)
-                for (keep_fraction, max_kv_size), group in groups.items():
-                    attach(model, _make_scorer(run.policy, namm_scorer, seed), max_kv_size=max_kv_size, keep_fraction=keep_fraction)
+            if protocol == "agnostic":
+                _agnostic_loop(
+                    model, tokenizer, items, todo, emit, bar, namm_scorers, seed=seed, matched=matched,
+                    baseline_eviction=baseline_eviction, recall=recall, recall_only=recall_only, **options,
+                )
+            else:
+                for run in runs:
+                    if shared and run.policy not in NAMM_POLICIES:
+                        continue
+                    groups: dict[tuple, list] = {}
+                    for r, item in todo:
+                        if r == run:
+                            groups.setdefault(budget_of(run, item), []).append(item)
+                    for (keep_fraction, max_kv_size), group in groups.items():
+                        scorer = _make_scorer(run.policy, namm_scorers.get(run.policy), seed)
+                        attach(model, scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction)
+                        try:
+                            for item in group:
+                                bar.show(f"{item['_id']} {run.label}")
+                                record = evaluate_item(
+                                    model, tokenizer, item, run, keep_fraction=keep_fraction, max_kv_size=max_kv_size, **options
+                                )
+                                emit(record, item, run)
+                        finally:
+                            detach(model)
+                if shared and any(r.policy not in NAMM_POLICIES for r, _ in todo):
+                    attach(model, shared_prefill_scorer())
                     try:
-                        for item in group:
-                            bar.show(f"{item['_id']} {run.label}")
-                            record = evaluate_item(
-                                model, tokenizer, item, run, keep_fraction=keep_fraction, max_kv_size=max_kv_size, **options
-                            )
-                            emit(record, item, run)
+                        for item in items:
+                            item_runs = [r for r, i in todo if i is item and r.policy not in NAMM_POLICIES]
+                            if not item_runs:
+                                continue
+                            bar.show(f"{item['_id']} prefill")
+                            planned = [
+                                (r, _make_scorer(r.policy, None, seed, one_shot=r.policy != "full"), *budget_of(r, item))
+                                for r in item_runs
+                            ]
+                            for run, record in zip(item_runs, evaluate_item_shared(model, tokenizer, item, planned, **options)):
+                                emit(record, item, run)
                     finally:
                         detach(model)
-            if shared and any(r.policy != "namm" for r, _ in todo):
-                attach(model, shared_prefill_scorer())
-                try:
-                    for item in items:
-                        item_runs = [r for r, i in todo if i is item and r.policy != "namm"]
-                        if not item_runs:
-                            continue
-                        bar.show(f"{item['_id']} prefill")
-                        planned = [
-                            (r, _make_scorer(r.policy, None, seed, one_shot=r.policy != "full"), *budget_of(r, item))
-                            for r in item_runs
-                        ]
-                        for run, record in zip(item_runs, evaluate_item_shared(model, tokenizer, item, planned, **options)):
-                            emit(record, item, run)
-                finally:
-                    detach(model)
     finally:
         bar.close()
-    return write_results(out, runs, items, config=config, baseline_eviction=baseline_eviction)
+    return write_results(
+        out, runs, items, config=config, baseline_eviction=baseline_eviction, protocol=protocol, recall_only=recall_only
+    )
+
+
+def _agnostic_loop(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    todo: Sequence[tuple[PolicyRun, Mapping[str, Any]]],
+    emit: Callable[[dict[str, Any], Mapping[str, Any], PolicyRun], None],
+    bar: Progress,
+    namm_scorers: Mapping[str, Any],
+    *,
+    seed: int,
+    matched: Callable[[], dict[str, dict[str, float]]],
+    baseline_eviction: str,
+    recall: bool,
+    recall_only: bool,
+    context_limit: int | None,
+    max_tokens: int | None,
+    templates: Mapping[str, str] | None,
+    prefill_step_size: int,
+) -> None:
+    """The query-agnostic pairs, item by item: one split prompt and one full-cache
+    recording per item serve all of its runs. With matched budgets the NAMM's
+    own runs go first over every item (a matched budget is a mean over items)."""
+    from ..integration import attach, detach
+
+    first = [(r, i) for r, i in todo if r.policy == "namm" and r.budget is None]
+    phases = [first, [(r, i) for r, i in todo if not (r.policy == "namm" and r.budget is None)]]
+    if not any(r.budget is not None and r.budget.match for r, _ in todo):
+        phases = [list(todo)]
+    for phase in phases:
+        for item in items:
+            item_runs = [r for r, i in phase if i is item]
+            if not item_runs:
+                continue
+            dataset = item.get("dataset", "")
+            limit = max_tokens or max_new_tokens(dataset)
+            split = split_prompt(tokenizer, item, context_limit - limit if context_limit else None, templates)
+            bar.show(f"{item['_id']} full-cache attention")
+            future = record_future(model, tokenizer, item, split) if recall else None
+            for run in item_runs:
+                needs_match = run.budget is not None and run.budget.match
+                max_kv_size = document_budget(
+                    run, dataset, len(split.document), matched() if needs_match else None, item.get("length")
+                )
+                one_shot = baseline_eviction == "prompt" and run.policy not in (*NAMM_POLICIES, "full")
+                scorer = _make_scorer(
+                    run.policy, namm_scorers.get(run.policy), seed,
+                    one_shot=one_shot, ranked=run.budget is not None, interval=INTERVAL,
+                )
+                attach(model, scorer, max_kv_size=max_kv_size)
+                try:
+                    bar.show(f"{item['_id']} {run.label}")
+                    record = evaluate_item_agnostic(
+                        model, tokenizer, item, run, split, limit,
+                        max_kv_size=max_kv_size, eviction=_schedule(run.policy, baseline_eviction, "agnostic"),
+                        future=future, recall_only=recall_only, prefill_step_size=prefill_step_size,
+                    )
+                finally:
+                    detach(model)
+                emit(record, item, run)
+            del future
 
 
 def write_results(
@@ -795,27 +1137,36 @@ def write_results(
     runs: Sequence[PolicyRun],
     items: Sequence[Mapping[str, Any]],
     config: Mapping[str, Any] | None = None,
-    baseline_eviction: str = "prompt",
+    baseline_eviction: str = "online",
+    protocol: str = "agnostic",
+    recall_only: bool = False,
 ) -> dict[str, Any]:
     """Recompute every summary from ``predictions.jsonl`` (only the pairs of this
-    plan), write ``results.json`` and the score-vs-kept plot."""
+    plan and protocol), write ``results.json`` and the score-vs-kept plot."""
     from .plot import POLICY_COLORS, plot_score_vs_kept
 
     out = Path(out_dir)
-    plan_keys = {pair_key(i, r, baseline_eviction) for r in runs for i in items}
-    records = [r for r in read_predictions(out / PREDICTIONS) if pair_key(r) in plan_keys]
+    plan_keys = {pair_key(i, r, baseline_eviction, protocol) for r in runs for i in items}
+    records = latest_records(r for r in read_predictions(out / PREDICTIONS) if pair_key(r) in plan_keys)
+    done = sum(1 for r in records if recall_only or r.get("score") is not None)
     summary = summarize(records, runs)
+    kept = "of the document at its end" if protocol == "agnostic" else "at the end of the prompt"
     results = {
         "config": dict(config or {}),
-        "complete": len(records) == len(plan_keys),
-        "pairs": {"done": len(records), "planned": len(plan_keys)},
-        "scale": "score = 100 x mean item score (LongBench); kept = mean kept fraction at the end of the prompt",
+        "protocol": protocol,
+        "complete": done == len(plan_keys),
+        "pairs": {"done": done, "planned": len(plan_keys)},
+        "scale": (
+            f"score = 100 x mean item score (LongBench); kept = mean kept fraction {kept}; "
+            "recall = future-attention recall (mean over eviction steps); *_ci = 95% percentile bootstrap over items "
+            "(2000 resamples, seed 0; stratified by task in 'overall')"
+        ),
         **summary,
         "matched_budgets": matched_budgets(records) if any(r.budget and r.budget.match for r in runs) else None,
         "legend": {p: POLICY_COLORS.get(p) for p in dict.fromkeys(r.policy for r in runs)},
         "plot": PLOT,
     }
-    plotted = plot_score_vs_kept(summary["overall"], out / PLOT)
+    plotted = plot_score_vs_kept([o for o in summary["overall"] if o["score"] is not None], out / PLOT)
     if not plotted:
         results["plot"] = None
     tmp = out / (RESULTS + ".tmp")
