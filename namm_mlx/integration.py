@@ -56,7 +56,9 @@ def as_scorer(namm: NAMM | Scorer | str | os.PathLike | None) -> Scorer:
             )
         namm = DEFAULT_NAMM_DIR
     if isinstance(namm, (str, os.PathLike)):
-        namm = NAMM.load(namm)
+        from .hub import resolve_namm  # a folder, or a Hugging Face repo ORG/NAME
+
+        namm = NAMM.load(resolve_namm(namm))
     if isinstance(namm, NAMM):
         return NAMMScorer(namm)
     if not hasattr(namm, "score"):

@@ -5,3 +5,4 @@ from . import chat  # noqa: F401
 from . import serve  # noqa: F401
 from . import evolve  # noqa: F401
 from . import eval  # noqa: F401
+from . import upload  # noqa: F401

@@ -41,7 +41,7 @@ register(DocumentError, ContextError, ModelLoadError, SessionError, ModelError, 
 
 # Options shared by chat and generate, named as in mlx-lm.
 MODEL = typer.Option(None, "--model", help="mlx-lm folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
-NAMM_DIR = typer.Option(None, "--namm", help="NAMM folder (default: the one shipped in weights/)")
+NAMM_DIR = typer.Option(None, "--namm", help="NAMM folder or Hugging Face repo ORG/NAME (default: the one shipped in weights/)")
 NO_NAMM = typer.Option(False, "--no-namm", help="plain mlx-lm cache, for comparison")
 MAX_TOKENS = typer.Option(512, "--max-tokens", "-m", help="maximum tokens per answer")
 TEMP = typer.Option(0.0, "--temp", help="sampling temperature (0 = greedy)")
