@@ -28,9 +28,14 @@ class QueryRecorder(FullScorer):
     needs_queries = True
 
 
-def record_full_cache(model: Any, tokens: Sequence[int], step: int = 512) -> list[EvictingKVCache]:
+def record_full_cache(
+    model: Any, tokens: Sequence[int], step: int = 512, split: int | None = None
+) -> list[EvictingKVCache]:
     """Run ``tokens`` through ``model`` with full, query-recording caches.
 
+    split: feed ``tokens[:split]`` and the rest as two prefills (a document,
+    then its question), so the chunks, and with them every float, are those of
+    an online run that reads the document first.
     Returns the caches: per layer ``keys``/``values`` ``[1, H, T, D]`` and
     ``queries`` ``[1, Hq, T, D]`` (post-RoPE), nothing evicted.
     """
@@ -39,7 +44,9 @@ def record_full_cache(model: Any, tokens: Sequence[int], step: int = 512) -> lis
         caches = model.make_cache()
         if not all(isinstance(c, EvictingKVCache) for c in caches):
             raise ValueError("recording needs a model whose every layer uses the evicting cache")
-        prefill(model, caches, tokens, step)
+        parts = [tokens] if split is None else [tokens[:split], tokens[split:]]
+        for part in parts:
+            prefill(model, caches, part, step)
     finally:
         detach(model)
     return caches

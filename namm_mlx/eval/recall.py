@@ -87,7 +87,7 @@ def record_future_attention(model: Any, tokens: Sequence[int], doc_length: int, 
     and the per-block column sums of its attention, layer by layer."""
     if not 0 < doc_length <= len(tokens):
         raise ValueError(f"doc_length {doc_length} must be in (0, {len(tokens)}]")
-    caches = record_full_cache(model, tokens, step)
+    caches = record_full_cache(model, tokens, step, split=doc_length)
     return future_attention_from_caches(caches, doc_length, step)
 
 

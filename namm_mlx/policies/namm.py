@@ -9,7 +9,7 @@ import numpy as np
 
 from ..cache import EvictionContext, Scores
 from ..config import NAMMConfig
-from ..namm import NAMM, TokenState
+from ..namm import NAMM, TokenFeatures, TokenState
 from ..selection import protect_newest, shared_keep_count
 
 
@@ -40,14 +40,23 @@ class NAMMScorer:
         return self.namm.config.attention_dtype
 
     def score(self, context: EvictionContext) -> Scores:
-        attn = context.attention(dtype=self.namm.config.attention_dtype)
-        carried = None
-        if context.state:
-            n_old = context.positions.shape[-1] - context.n_new
-            carried = TokenState(context.positions[..., :n_old], *context.state)
+        attn, carried = self._inputs(context)
         scores, state, _, _ = self.namm.score(attn, context.positions, carried)
         keep = None if self.ranked else shared_keep_count(protect_newest(scores), self.namm.config.threshold)
         return Scores(scores, [state.attn_tail, state.ema], keep)
+
+    def features(self, context: EvictionContext) -> TokenFeatures:
+        """The token features of this step (no scoring)."""
+        attn, carried = self._inputs(context)
+        return self.namm.token_features(attn, context.positions, carried)
+
+    def _inputs(self, context: EvictionContext) -> tuple[mx.array, TokenState | None]:
+        """The step's attention and the old slots' carried state."""
+        attn = context.attention(dtype=self.namm.config.attention_dtype)
+        if not context.state:
+            return attn, None
+        n_old = context.positions.shape[-1] - context.n_new
+        return attn, TokenState(context.positions[..., :n_old], *context.state)
 
     def spec(self) -> dict[str, Any]:
         spec = {"policy": self.name, "config": self.namm.config.to_dict()}
