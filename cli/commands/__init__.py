@@ -6,3 +6,4 @@ from . import serve  # noqa: F401
 from . import evolve  # noqa: F401
 from . import eval  # noqa: F401
 from . import upload  # noqa: F401
+from . import distill  # noqa: F401

@@ -136,17 +136,20 @@ def record_item(
         evict_now(replayed)  # the step at the document's end, before the question
         features[layer] = recorder.steps
         del replayed
-    future = future_attention_from_caches(caches, doc_length, config.update_interval)
+    future = future_attention_from_caches(caches, doc_length, config.update_interval, chosen)
     del caches, recorded
-    return ItemRecord(str(item.get("_id", "")), doc_length, len(tokens), steps_from(features, future))
+    return ItemRecord(str(item.get("_id", "")), doc_length, len(tokens), steps_from(features, future, chosen))
 
 
-def steps_from(features: Mapping[int, list[tuple[int, np.ndarray, np.ndarray]]], future: FutureAttention) -> list[StepRecord]:
-    """Pair each recorded step's features with its targets."""
+def steps_from(
+    features: Mapping[int, list[tuple[int, np.ndarray, np.ndarray]]], future: FutureAttention, layers: Sequence[int]
+) -> list[StepRecord]:
+    """Pair each recorded step's features with its targets (``future``'s layer
+    ``i`` is model layer ``layers[i]``)."""
     steps = []
     n_question = future.length - future.doc_length
-    for layer, recorded in features.items():
-        for offset, ema, ages in recorded:
+    for index, layer in enumerate(layers):
+        for offset, ema, ages in features[layer]:
             n_future = future.length - offset
             steps.append(
                 StepRecord(
@@ -154,9 +157,9 @@ def steps_from(features: Mapping[int, list[tuple[int, np.ndarray, np.ndarray]]],
                     offset,
                     ema,
                     ages,
-                    (future.future(layer, offset) / n_future).astype(np.float32),
-                    (future.question(layer, offset) / n_question).astype(np.float32),
-                    future.question(layer, offset, reduce="max").astype(np.float32),
+                    (future.future(index, offset) / n_future).astype(np.float32),
+                    (future.question(index, offset) / n_question).astype(np.float32),
+                    future.question(index, offset, reduce="max").astype(np.float32),
                 )
             )
     return steps

@@ -91,13 +91,17 @@ def record_future_attention(model: Any, tokens: Sequence[int], doc_length: int, 
     return future_attention_from_caches(caches, doc_length, step)
 
 
-def future_attention_from_caches(caches: Sequence[EvictingKVCache], doc_length: int, step: int = 512) -> FutureAttention:
-    """Block column sums from recorded full caches (freed layer by layer)."""
-    caches = list(caches)
+def future_attention_from_caches(
+    caches: Sequence[EvictingKVCache], doc_length: int, step: int = 512, layers: Sequence[int] | None = None
+) -> FutureAttention:
+    """Block column sums from recorded full caches, for ``layers`` (all when
+    None; the result's layer ``i`` is then ``layers[i]``)."""
+    chosen = range(len(caches)) if layers is None else layers
     length = caches[0].offset
     edges = block_edges(length, doc_length, step)
     sums, maxes = [], []
-    for i, cache in enumerate(caches):
+    for i in chosen:
+        cache = caches[i]
         keys, queries = cache.keys[:, :, : cache.length], cache.queries[:, :, : cache.num_queries]
         layer_sums, layer_max = [], []
         for start, stop in zip(edges[:-1], edges[1:]):
@@ -110,7 +114,6 @@ def future_attention_from_caches(caches: Sequence[EvictingKVCache], doc_length: 
         mx.eval(s, m)
         sums.append(np.array(s))
         maxes.append(np.array(m))
-        caches[i] = None  # type: ignore[call-overload]
     return FutureAttention(sums, maxes, step, length, doc_length)
 
 

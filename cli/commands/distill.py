@@ -1,0 +1,147 @@
+"""``namm distill``: a NAMM fitted by gradient to recorded future attention (a warm start for evolution).
+
+Thin wrapper over :mod:`namm_mlx.distill`: builds training documents from the
+offline texts (never with the evaluation's seed), records them once into a
+reusable folder, fits, and writes a normal NAMM folder with its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cli import errors
+from cli.main import app
+from namm_mlx.distill import DistillOptions, ItemRecord, fit_namm, record_item
+from namm_mlx.distill.fit import LOSSES, TARGETS
+from namm_mlx.eval.tasks import TASK_NAMES, TaskError
+
+DEFAULT_TASKS = ",".join(TASK_NAMES)
+#: ``namm eval`` builds its items with seed 0; training documents must differ.
+EVAL_SEED = 0
+
+
+class DistillError(ValueError):
+    """Distillation cannot run as asked; the message says why."""
+
+
+errors.register(DistillError, TaskError)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DistillError(f"{name} expects comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise DistillError(f"{name} expects positive integers, got {text!r}")
+    return values
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+@app.command()
+def distill(
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="NAMM folder to write.", show_default=False),
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="M", help="Language model to record (default: the embedded SmolLM2).",
+        show_default=False,
+    ),
+    tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", help="Training document tasks (comma-separated)."),
+    lengths: str = typer.Option("2048,3072", "--lengths", help="Document lengths in tokens (comma-separated)."),
+    items: int = typer.Option(2, "--items", min=1, help="Documents per task and length."),
+    seed: int = typer.Option(1000, "--seed", min=1, help="Seed of the training documents (namm eval uses 0)."),
+    layer_stride: int = typer.Option(2, "--layer-stride", min=1, help="Record every K-th layer."),
+    records: Optional[Path] = typer.Option(
+        None, "--records", metavar="DIR",
+        help="Folder of recordings, reused across runs (default: OUT-records beside --out).", show_default=False,
+    ),
+    target: str = typer.Option(
+        "mixed", "--target",
+        help=f"Attention to regress onto: {', '.join(TARGETS)} ('mixed': the later document queries' mean, "
+        "mixed with the question's by --question-weight).",
+    ),
+    question_weight: float = typer.Option(0.5, "--question-weight", min=0.0, max=1.0),
+    loss: str = typer.Option("mse", "--loss", help=f"Regression loss: {', '.join(LOSSES)}."),
+    steps: int = typer.Option(400, "--steps", min=0, help="Adam steps."),
+    learning_rate: float = typer.Option(3e-3, "--learning-rate", min=0.0),
+    window: int = typer.Option(1024, "--window", min=16, help="Tokens per gradient step (a random window)."),
+    keep: float = typer.Option(
+        0.5, "--keep", min=0.0, max=1.0, help="Share of recorded tokens that threshold 0 keeps (calibration)."
+    ),
+    fit_seed: int = typer.Option(0, "--fit-seed", min=0, help="Seed of the initial weights and batches."),
+) -> None:
+    """Distil a NAMM from full-cache attention: record documents once, fit by gradient, calibrate."""
+    with errors.user_errors():
+        if seed == EVAL_SEED:
+            raise DistillError("seed 0 builds namm eval's items; train on other documents (--seed 1000)")
+        task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+        unknown = sorted(set(task_names) - set(TASK_NAMES))
+        if unknown:
+            raise DistillError(f"unknown task {unknown[0]!r}; known: {', '.join(TASK_NAMES)}")
+        doc_lengths = _ints(lengths, "--lengths")
+        try:
+            options = DistillOptions(
+                target=target, question_weight=question_weight, loss=loss, steps=steps,
+                learning_rate=learning_rate, seed=fit_seed, keep=keep, window=window,
+            )
+        except ValueError as err:
+            raise DistillError(str(err)) from None
+        folder = records or out.with_name(out.name + "-records")
+        recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder)
+        with _progress() as bar:
+            task = bar.add_task("fitting", total=options.steps, info="")
+            namm = fit_namm(
+                recorded,
+                options,
+                progress=lambda done, total, loss: bar.update(task, completed=done, info=f"loss {loss:.4f}"),
+                metadata={
+                    "distill_data": json.dumps(
+                        {"model": model or "default", "tasks": task_names, "lengths": doc_lengths,
+                         "items": items, "seed": seed, "layer_stride": layer_stride,
+                         "documents": [r.item_id for r in recorded]},
+                        sort_keys=True,
+                    ),
+                },
+            )
+        namm.save(out)
+        print(f"wrote {out}: distilled from {len(recorded)} documents ({target} target, {loss}, {steps} steps)")
+
+
+def _record(model, tasks, lengths, n, seed, stride, folder: Path) -> list[ItemRecord]:
+    """Record every training document not already in ``folder``."""
+    from namm_mlx.eval.tasks import TextSource, make_items
+    from namm_mlx.models import load_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lm, tokenizer = load_model(model, dtype="float32")
+    layers = list(range(0, len(lm.layers), stride))
+    source = TextSource.from_cache()
+    wanted = make_items(tasks, lengths, n, seed, source, tokenizer)
+    result = []
+    with _progress() as bar:
+        task = bar.add_task("recording", total=len(wanted), info="")
+        for item in wanted:
+            path = folder / f"{item['_id']}-l{stride}.npz"
+            if path.is_file():
+                record = ItemRecord.load(path)
+            else:
+                record = record_item(lm, tokenizer, item, layers=layers)
+                record.save(path)
+            result.append(record)
+            bar.update(task, advance=1, info=item["_id"])
+    return result
