@@ -329,13 +329,15 @@ def test_trainer_exports_namm_and_rejects_bad_fitness(tmp_path):
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["generation"] == 3 and state["pop_size"] == 8
     # the fitness curve is redrawn from the log: three generations, three lines
-    from namm_mlx.eval.plot import FITNESS_RGB, decode_png
+    from matplotlib.image import imread
 
-    width, height, rows = decode_png((tmp_path / "run" / "fitness.png").read_bytes())
-    assert (width, height) == (720, 440)
-    pixels = [p for row in rows for p in row[:550]]  # left of the legend
+    from namm_mlx.eval.plot import FITNESS_RGB
+
+    rgb_pixels = (imread(tmp_path / "run" / "fitness.png")[..., :3] * 255).round().astype(np.uint8)
+    assert rgb_pixels.shape == (440, 800, 3)
+    plot_area = rgb_pixels[:, :555]  # left of the legend
     for name, rgb in FITNESS_RGB.items():
-        assert pixels.count(rgb) >= 3 * 40, name  # three 7x7 markers at least
+        assert np.all(plot_area == np.array(rgb, np.uint8), axis=-1).sum() >= 3 * 40, name  # three markers at least
 
     def broken(members, ids):
         return [{"fitness": math.nan}] * len(ids)

@@ -808,12 +808,12 @@ def _write_checkpoint(out: Path, state: RunState) -> None:
 
 def write_fitness_plot(run_dir: str | os.PathLike) -> Path | None:
     """Draw ``run_dir/fitness.png`` from the run's log (atomically); None if the
-    log is empty."""
-    from ..eval.plot import plot_fitness_curve
+    log is empty or matplotlib (the ``[plot]`` extra) is missing."""
+    from ..eval.plot import plot_fitness_curve, plots_available
 
     out = Path(run_dir)
     records = read_log(out)
-    if not records:
+    if not records or not plots_available():
         return None
     _atomic_write(out / PLOT_FILE, lambda fh: plot_fitness_curve(records, fh))
     return out / PLOT_FILE
