@@ -9,6 +9,7 @@ one vectorised computation; nothing loops over tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -25,17 +26,35 @@ def gqa_mean(attn: mx.array, num_kv_heads: int, dtype: str = "float32") -> mx.ar
     With ``dtype="bfloat16"`` each head and the mean are rounded to bf16 as the
     reference's half-precision model hands them over (mean accumulated in fp32).
     Returns ``[..., H, n, N]`` float32.
+
+    The group members are summed as separate slices in one compiled
+    elementwise kernel: on the CPU backend that is one pass over the
+    probabilities instead of four (two casts, a reduction, a division), about
+    10x faster at 9 x 512 x 4096 (benchmarks/namm_step.py), and bit-identical.
     """
     *lead, hq, n, N = attn.shape
     if hq % num_kv_heads:
         raise ValueError(f"{hq} query heads cannot be grouped into {num_kv_heads} KV heads")
-    attn = attn.astype(mx.float32)
-    if dtype == "bfloat16":
-        attn = attn.astype(mx.bfloat16).astype(mx.float32)
-    grouped = attn.reshape(*lead, num_kv_heads, hq // num_kv_heads, n, N).mean(axis=-3)
-    if dtype == "bfloat16":
-        grouped = grouped.astype(mx.bfloat16).astype(mx.float32)
-    return grouped
+    group = hq // num_kv_heads
+    grouped = attn.reshape(*lead, num_kv_heads, group, n, N)
+    members = [grouped[..., g, :, :] for g in range(group)]
+    return _group_mean(group, dtype == "bfloat16")(*members)
+
+
+@functools.lru_cache(maxsize=None)
+def _group_mean(group: int, round_bf16: bool):
+    def mean(*members: mx.array) -> mx.array:
+        def cast(x: mx.array) -> mx.array:
+            x = x.astype(mx.float32)
+            return x.astype(mx.bfloat16).astype(mx.float32) if round_bf16 else x
+
+        total = cast(members[0])
+        for m in members[1:]:
+            total = total + cast(m)
+        out = total / group
+        return out.astype(mx.bfloat16).astype(mx.float32) if round_bf16 else out
+
+    return mx.compile(mean)
 
 
 def hann_window(n_fft: int) -> np.ndarray:
@@ -133,6 +152,85 @@ def ema_over_frames(
         carried = prev_ema.astype(mx.float32) * np.float32(config.ema_coeff ** (F * hop))
         ema = mx.concatenate([ema[..., :n_old, :] + carried, ema[..., n_old:, :]], axis=-2)
     return ema
+
+
+def spectral_ema(
+    attn: mx.array, prev_tail: mx.array | None, prev_ema: mx.array | None, config: NAMMConfig
+) -> tuple[mx.array, mx.array, mx.array]:
+    """STFT magnitudes, their EMA and the tail to carry, without transposing ``attn``.
+
+    The same numbers as :func:`attention_series` -> :func:`stft_magnitudes` ->
+    :func:`ema_over_frames` (up to float summation order), computed in the
+    probabilities' own layout: time runs along the query rows, so each
+    hop-long block of rows is one ``[2 * n_bins, hop] @ [hop, N]`` product for
+    every token at once (one GEMM for all blocks, both half-windows), and the
+    magnitudes are weighted by the EMA's frame weights in one compiled
+    elementwise kernel before the frame sum. On the CPU backend this is about
+    2x faster than transposing the probabilities into per-token series.
+
+    attn: ``[..., n, N]``; prev_tail ``[..., N_old, ctx]`` and prev_ema
+    ``[..., N_old, n_bins]`` or None. Returns ``(stft, ema, tail)``: stft
+    ``[..., N, F, n_bins]`` (lazy: only computed if evaluated), ema
+    ``[..., N, n_bins]`` (the carried state, before normalisation) and tail
+    ``[..., N, ctx]`` (the last ``ctx`` samples of each slot's series).
+    """
+    hop, n_bins = config.hop, config.n_bins
+    *lead, n, N = attn.shape
+    if n % hop:
+        raise ValueError(f"a NAMM call needs a multiple of {hop} new queries, got {n}")
+    frames = n // hop
+    n_old = 0 if prev_tail is None else prev_tail.shape[-2]
+    attn = attn.astype(mx.float32)
+    dft = _windowed_dft(config)  # [n_fft, 2 * n_bins]: rows 0..hop-1 first half-window
+    halves = mx.concatenate([dft[:hop], dft[hop:]], axis=1).T  # [4 * n_bins, hop]
+    # Every hop-long block of rows times both half-windows: [..., frames, 4 * n_bins, N].
+    blocks = halves @ attn.reshape(*lead, frames, hop, N)
+    # The carried context (zeros for new slots) is the block before the first.
+    context = mx.zeros((*lead, hop, N), dtype=mx.float32)
+    if n_old:
+        context = mx.concatenate([mx.swapaxes(prev_tail.astype(mx.float32), -1, -2), context[..., : N - n_old]], axis=-1)
+    first_block = halves[: 2 * n_bins] @ context  # [..., 2 * n_bins, N]
+    weights = mx.array(_frame_weights(config, frames, N, n_old))  # [frames, N]
+    weighted = _weighted_magnitudes(n_bins)
+    # Frame 0 pairs the context with block 0; frame t pairs block t-1 with block t.
+    ema = weighted(first_block, blocks[..., 0, 2 * n_bins :, :], weights[0]).astype(mx.float32)
+    if frames > 1:
+        rest = weighted(blocks[..., :-1, : 2 * n_bins, :], blocks[..., 1:, 2 * n_bins :, :], weights[1:, None, :])
+        ema = ema + rest.sum(axis=-3)
+    ema = mx.swapaxes(ema, -1, -2)  # [..., N, n_bins]
+    if n_old:
+        carried = prev_ema.astype(mx.float32) * np.float32(config.ema_coeff ** (frames * hop))
+        ema = mx.concatenate([ema[..., :n_old, :] + carried, ema[..., n_old:, :]], axis=-2)
+    first = mx.concatenate([first_block[..., None, :, :], blocks[..., :-1, : 2 * n_bins, :]], axis=-3)
+    spectrum = first + blocks[..., 2 * n_bins :, :]  # [..., frames, 2 * n_bins, N]
+    real, imag = spectrum[..., :n_bins, :], spectrum[..., n_bins:, :]
+    stft = mx.transpose(mx.sqrt(real * real + imag * imag), (*range(len(lead)), len(lead) + 2, len(lead), len(lead) + 1))
+    tail = mx.swapaxes(attn[..., n - config.context_len :, :], -1, -2)
+    return stft, ema, tail
+
+
+def _frame_weights(config: NAMMConfig, frames: int, N: int, n_old: int) -> np.ndarray:
+    """``[frames, N]`` EMA weight of each frame for each slot (spec §2.3): frame
+    ``t`` weighs ``(1 - b) b^(F-1-t)``, ``b = ema_coeff ** hop``; the ``j``-th
+    new slot only counts frames ``t >= j // hop``."""
+    beta = config.ema_coeff**config.hop
+    frame_weight = (1.0 - beta) * beta ** np.arange(frames - 1, -1, -1, dtype=np.float64)
+    new_index = np.arange(N) - n_old
+    first_frame = np.where(new_index >= 0, new_index // config.hop, 0)
+    return np.where(np.arange(frames)[:, None] >= first_frame[None, :], frame_weight[:, None], 0.0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_magnitudes(n_bins: int):
+    """Compiled ``|first + second| * weight`` for ``[..., 2 * n_bins, N]``
+    halves (real rows, then imaginary): one pass instead of six."""
+
+    def weighted(first: mx.array, second: mx.array, weight: mx.array) -> mx.array:
+        real = first[..., :n_bins, :] + second[..., :n_bins, :]
+        imag = first[..., n_bins:, :] + second[..., n_bins:, :]
+        return mx.sqrt(real * real + imag * imag) * weight
+
+    return mx.compile(weighted)
 
 
 def normalize_spectrum(ema: mx.array, norm_mean: mx.array, norm_var: mx.array, eps: float) -> mx.array:

@@ -25,10 +25,8 @@ from .bam import BAMOutput, BAMWeights, bam_scores
 from .config import NAMMConfig
 from .features import (
     RecencyTable,
-    attention_series,
-    ema_over_frames,
     normalize_spectrum,
-    stft_magnitudes,
+    spectral_ema,
     token_ages,
 )
 from .selection import gather_tokens, select_kept
@@ -248,14 +246,13 @@ class NAMM:
         if n_old + n != N:
             raise ValueError(f"cache has {N} slots but {n_old} carried + {n} new were given")
         attn = attn.astype(mx.float32)
-        series = attention_series(attn, None if carried is None else carried.attn_tail, self.config)
-        stft = stft_magnitudes(series, self.config)
-        ema = ema_over_frames(stft, None if carried is None else carried.ema, self.config)
+        stft, ema, tail = spectral_ema(
+            attn, None if carried is None else carried.attn_tail, None if carried is None else carried.ema, self.config
+        )
         normalized = normalize_spectrum(ema, self.norm_mean, self.norm_var, self.config.norm_eps)
         ages = token_ages(positions, self.config.start_recency_from)
         recency = self._recency(ages)
         embedding = mx.concatenate([recency, normalized], axis=-1)
-        tail = series[..., -self.config.context_len :]
         return TokenFeatures(stft, ema, normalized, ages, recency, embedding, tail)
 
     def score(

@@ -147,3 +147,21 @@ def test_mlx_lm_kv_bits_quantises_a_namm_cache(fixture_namm):
 def test_bad_kv_bits_are_refused(fixture_namm):
     with pytest.raises(ValueError, match="4 or 8"):
         EvictingKVCache(NAMMScorer(fixture_namm), kv_bits=3)
+
+
+@pytest.mark.parametrize("n_old", [0, 48])
+def test_spectral_ema_equals_the_literal_pipeline(n_old):
+    """The fast layout (no transposed series) gives the spec's STFT, EMA and tail."""
+    from namm_mlx.features import attention_series, ema_over_frames, spectral_ema, stft_magnitudes
+
+    mx.random.seed(4)
+    n, N = 64, 64 + n_old
+    attn = mx.softmax(mx.random.normal((2, 3, n, N)) * 3, axis=-1)  # two stacked layers
+    tail = mx.random.uniform(shape=(2, 3, n_old, 16)) * 0.01 if n_old else None
+    ema = mx.random.uniform(shape=(2, 3, n_old, 17)) * 0.05 if n_old else None
+    series = attention_series(attn, tail, CONFIG)
+    stft = stft_magnitudes(series, CONFIG)
+    expected = (stft, ema_over_frames(stft, ema, CONFIG), series[..., -16:])
+    for got, want in zip(spectral_ema(attn, tail, ema, CONFIG), expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
