@@ -141,7 +141,9 @@ def initial_weights(config: NAMMConfig, seed: int, bias: float = 0.0) -> dict[st
         "qkv_bias": mx.zeros((3 * h,)),
         "out_weight": normal((h, 2 * e), 0.1 / math.sqrt(h)),
         "out_bias": mx.zeros((2 * e,)),
-        "readout_weight": normal((e, 1), 1.0 / math.sqrt(e)),
+        # small: normalised features have a heavy tail (attention sinks sit tens of
+        # standard deviations out), so a unit-scale read-out starts far off target
+        "readout_weight": normal((e, 1), 0.01 / math.sqrt(e)),
         "readout_bias": mx.array([bias], dtype=mx.float32),
     }
 
@@ -155,11 +157,17 @@ def _loss(params: dict[str, mx.array], embedding: mx.array, target: mx.array, co
     return (diff * diff).mean()
 
 
-def calibrated_bias(namm: NAMM, groups: Sequence[_Group], keep: float) -> float:
-    """The read-out bias at which threshold 0 keeps ``keep`` of the recorded tokens."""
+def calibrated_bias(namm: NAMM, groups: Sequence[_Group], keep: float, sample: int = 16, seed: int = 0) -> float:
+    """The read-out bias at which threshold 0 keeps ``keep`` of the recorded
+    tokens, estimated on up to ``sample`` groups (one layer each, drawn at
+    random) since scoring every recorded step is as costly as many fit steps."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(groups), min(sample, len(groups)), replace=False)
     scores = []
-    for g in groups:
-        s = bam_scores(g.embedding, namm.weights, namm.config).scores
+    for i in picked:
+        g = groups[int(i)]
+        layer = int(rng.integers(g.embedding.shape[0]))
+        s = bam_scores(g.embedding[layer], namm.weights, namm.config).scores
         scores.append(np.array(s).reshape(-1))
     all_scores = np.concatenate(scores)
     cut = float(np.quantile(all_scores, 1.0 - keep)) if keep < 1.0 else float(all_scores.min())
@@ -208,7 +216,7 @@ def fit_namm(
         if progress is not None:
             progress(step + 1, options.steps, float(np.mean(losses[-20:])))
     namm = NAMM(BAMWeights(**params), mx.array(mean), mx.array(var), config, count)
-    params["readout_bias"] = mx.array([calibrated_bias(namm, groups, options.keep)], dtype=mx.float32)
+    params["readout_bias"] = mx.array([calibrated_bias(namm, groups, options.keep, seed=options.seed)], dtype=mx.float32)
     provenance = {
         "method": "distilled",
         "distill_options": json.dumps(asdict(options), sort_keys=True),
