@@ -1,53 +1,46 @@
-"""Public-domain long texts for evaluation, extracted offline from Debian packages.
+"""Long texts for evaluation: public-domain books and LongBench, on any OS.
 
-Three sources, all public-domain texts shipped inside ordinary Debian packages:
+Two routes fill the same cache (:func:`text_cache_dir`):
 
-========== ======================= ==========================================================
-source     package                 what is extracted (under ``text_cache_dir()``)
-========== ======================= ==========================================================
-austen     ``r-cran-janeaustenr``  ``austen/<novel>.txt``: Jane Austen's six novels, one line
-                                   of the R data per line (blank lines and "CHAPTER I" /
-                                   "Chapter 1" headings kept as in the R data)
-mobydick   ``r-cran-tokenizers``   ``mobydick.txt``: Melville's *Moby Dick*
-kjv        ``bible-kjv-text``      ``kjv.tsv``: the King James Bible, one verse a line,
-                                   ``Ref<TAB>text`` with references like ``Ge1:1``
-========== ======================= ==========================================================
+* ``hub`` (the default, works on macOS and Linux): LongBench's JSONL files from
+  the ``THUDM/LongBench`` dataset repo through ``huggingface_hub`` (its cache,
+  tokens and ``HF_HUB_OFFLINE`` apply), and the books over plain HTTPS from
+  Project Gutenberg.
+* ``debian`` (offline fallback on Debian-like systems, or with pre-downloaded
+  ``.deb`` files anywhere): the same books from the Debian packages
+  ``r-cran-janeaustenr``, ``r-cran-tokenizers`` and ``bible-kjv-text``, read
+  with ``rdata`` (R lazy-load databases) and ``unlzw3`` (the Unix ``compress``
+  windows of ``bible.data``), the ``[debian]`` extra. Nothing is installed:
+  ``apt-get download`` fetches the ``.deb`` and ``dpkg-deb -x`` (or a small
+  ``ar``/``tar`` reader) unpacks it.
 
-Nothing is installed: ``apt-get download`` fetches the ``.deb`` into a temporary folder
-(it needs the package lists, i.e. a prior ``apt-get update``, but neither root nor R), and
-``dpkg-deb -x`` unpacks it (a pure-Python ``ar``/``tar`` reader is used where ``dpkg-deb`` is
-missing).  Pre-downloaded ``.deb`` files can be given with ``deb_dir=`` instead, e.g. on macOS.
-
-* The two R packages keep their data in an R lazy-load database (``data/Rdata.rdx`` +
-  ``Rdata.rdb``).  The ``.rdx`` is an RDS file (gzip'd, or bzip2/xz, serialized R object) holding
-  ``list(variables=list(name=c(offset, length), ...), references=..., compressed=...)``; each
-  object in the ``.rdb`` is 4 big-endian length bytes (+ 1 type byte for bzip2/xz databases)
-  then a compressed serialized R object.  A small pure-Python reader for R's XDR serialization
-  format (versions 2 and 3) lives here: :func:`unserialize`, :func:`read_rds`,
-  :func:`read_lazyload_db`.
-* ``bible-kjv-text`` ships ``usr/lib/bible.data``, the "Bible Retrieval System" text file
-  (magic ``EC02``): an 84-byte header, the window size and count, a table of window offsets,
-  then each 64 KiB window of the plain text compressed independently with Unix ``compress``
-  (LZW, 16 bits, block mode).  The plain text is one verse a line (``Ge1:1 In the
-  beginning...``) after a one-line title, so it is decoded in pure Python
-  (:func:`decode_bible_data`) with no need for the ``bible`` program; the result is identical
-  to ``bible -f 'gen1:1-rev22:21'``.
+========== ===================================== ===========================================
+source     what is extracted                     from
+========== ===================================== ===========================================
+austen     ``austen/<novel>.txt``, six novels    Gutenberg 1342 158 161 141 121 105 / Debian
+mobydick   ``mobydick.txt``                      Gutenberg 2701 / Debian
+kjv        ``kjv.tsv``: ``Ref<TAB>verse`` lines  Gutenberg 10 / Debian ``bible.data``
+           with references like ``Ge1:1``
+longbench  ``longbench/<dataset>.jsonl``         ``THUDM/LongBench`` ``data.zip`` (hub only)
+========== ===================================== ===========================================
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
 import json
-import lzma
 import os
 import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -56,26 +49,24 @@ from pathlib import Path
 from namm_mlx.models import cache_dir
 
 __all__ = [
+    "ROUTES",
     "SOURCES",
     "TEXTS",
     "DataError",
-    "REnvironment",
-    "RObject",
-    "RPairlist",
-    "RSymbol",
-    "RVector",
     "available_texts",
     "decode_bible_data",
     "fetch_texts",
     "load_text",
+    "longbench_files",
     "parse_kjv",
     "parse_kjv_ref",
-    "r_lines",
-    "read_lazyload_db",
-    "read_rds",
     "text_cache_dir",
-    "unserialize",
 ]
+
+ROUTES = ("auto", "hub", "debian")
+LONGBENCH_REPO = "THUDM/LongBench"
+#: Base URL of Project Gutenberg's plain-text files (``NAMM_GUTENBERG_URL`` overrides it, e.g. for a mirror).
+GUTENBERG_URL = "https://www.gutenberg.org"
 
 
 class DataError(RuntimeError):
@@ -87,12 +78,13 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Source:
-    """One Debian package and the texts extracted from it."""
+    """One group of texts: its Debian package and, per text, its Gutenberg ebook number."""
 
     name: str
-    package: str
+    package: str | None
     texts: tuple[str, ...]
     description: str
+    gutenberg: tuple[int, ...] = ()
 
 
 #: text name -> path relative to :func:`text_cache_dir`
@@ -119,14 +111,15 @@ _AUSTEN_OBJECTS = {
 
 SOURCES: dict[str, Source] = {
     "austen": Source(
-        "austen",
-        "r-cran-janeaustenr",
-        tuple(_AUSTEN_OBJECTS.values()),
-        "Jane Austen's six novels",
+        "austen", "r-cran-janeaustenr", tuple(_AUSTEN_OBJECTS.values()), "Jane Austen's six novels",
+        gutenberg=(158, 141, 121, 105, 1342, 161),
     ),
-    "mobydick": Source("mobydick", "r-cran-tokenizers", ("mobydick",), "Moby Dick"),
-    "kjv": Source("kjv", "bible-kjv-text", ("kjv",), "King James Bible, one verse a line"),
+    "mobydick": Source("mobydick", "r-cran-tokenizers", ("mobydick",), "Moby Dick", gutenberg=(2701,)),
+    "kjv": Source("kjv", "bible-kjv-text", ("kjv",), "King James Bible, one verse a line", gutenberg=(10,)),
+    "longbench": Source("longbench", None, (), "LongBench JSONL files (for namm eval --data)"),
 }
+#: What ``fetch_texts()`` fetches when no name is given (LongBench is ~114 MB: asked for by name).
+DEFAULT_SOURCES = ("austen", "mobydick", "kjv")
 
 # aliases accepted by load_text / fetch_texts
 _ALIASES = {
@@ -135,6 +128,13 @@ _ALIASES = {
     "bible": "kjv",
     "kjv_bible": "kjv",
 }
+
+#: Book abbreviations of ``bible-kjv`` references, in canonical order (Genesis ... Revelation).
+KJV_BOOKS = (
+    "Ge Exo Lev Num Deu Josh Jdgs Ruth 1Sm 2Sm 1Ki 2Ki 1Chr 2Chr Ezra Neh Est Job Psa Prv Eccl SSol Isa Jer "
+    "Lam Eze Dan Hos Joel Amos Obad Jonah Mic Nahum Hab Zep Hag Zec Mal Mat Mark Luke John Acts Rom 1Cor 2Cor "
+    "Gal Eph Phi Col 1Th 2Th 1Tim 2Tim Titus Phmn Heb Jas 1Pet 2Pet 1Jn 2Jn 3Jn Jude Rev"
+).split()
 
 
 def text_cache_dir() -> Path:
@@ -164,6 +164,12 @@ def available_texts() -> dict[str, Path]:
     """The texts already in the cache: name -> path (empty until :func:`fetch_texts` ran)."""
     root = text_cache_dir()
     return {name: root / rel for name, rel in TEXTS.items() if (root / rel).is_file()}
+
+
+def longbench_files() -> dict[str, Path]:
+    """LongBench JSONL files in the cache: dataset name -> path (``namm eval --data PATH``)."""
+    folder = text_cache_dir() / "longbench"
+    return {p.stem: p for p in sorted(folder.glob("*.jsonl"))} if folder.is_dir() else {}
 
 
 def load_text(name: str) -> str:
@@ -215,18 +221,23 @@ def fetch_texts(
     names: Iterable[str] | None = None,
     force: bool = False,
     deb_dir: str | os.PathLike | None = None,
+    route: str = "auto",
 ) -> dict[str, Path]:
-    """Fetch and extract texts into :func:`text_cache_dir`; returns text name -> path.
+    """Fetch texts into :func:`text_cache_dir`; returns text (or LongBench dataset) name -> path.
 
-    ``names``: sources (``austen``, ``mobydick``, ``kjv``) or text names (a text brings its
-    whole source); ``None`` means all.  Sources whose texts are all cached are skipped unless
-    ``force``.  ``deb_dir``: a folder holding pre-downloaded ``<package>_*.deb`` files, used
-    instead of ``apt-get download`` when a matching file is there.
+    ``names``: sources (``austen``, ``mobydick``, ``kjv``, ``longbench``) or text names (a text
+    brings its whole source); ``None`` means the books.  Sources already cached are skipped
+    unless ``force``.  ``route``: ``hub`` (Hugging Face Hub + HTTPS), ``debian`` (Debian
+    packages; ``deb_dir`` may hold pre-downloaded ``<package>_*.deb`` files) or ``auto``
+    (``debian`` when ``deb_dir`` is given, else ``hub``, falling back to ``debian`` where
+    ``apt-get`` exists and the network route fails).
     """
+    if route not in ROUTES:
+        raise DataError(f"unknown route {route!r}; use one of {', '.join(ROUTES)}")
     if isinstance(names, str):
         names = [names]
     wanted: list[Source] = []
-    for name in SOURCES if names is None else names:
+    for name in DEFAULT_SOURCES if names is None else names:
         key = name.strip().lower()
         source = SOURCES.get(key) or _source_of(_text_name(key))
         if source not in wanted:
@@ -235,43 +246,157 @@ def fetch_texts(
     root = text_cache_dir()
     result: dict[str, Path] = {}
     for source in wanted:
+        if source.name == "longbench":
+            if route == "debian":
+                raise DataError("LongBench is only on the Hugging Face Hub; use --source hub")
+            result.update(_fetch_longbench(root, force))
+            continue
         paths = {t: root / TEXTS[t] for t in source.texts}
         if force or not all(p.is_file() for p in paths.values()):
-            with tempfile.TemporaryDirectory(prefix=f"namm-{source.name}-") as tmp:
-                tmp_path = Path(tmp)
-                deb = _find_or_download_deb(source.package, tmp_path, deb_dir)
-                unpacked = tmp_path / "root"
-                _extract_deb(deb, unpacked)
-                texts = _EXTRACTORS[source.name](unpacked)
-                for text_name, content in texts.items():
-                    _atomic_write(paths[text_name], content)
-                _record_manifest(root, source, deb)
+            texts = _fetch_books(source, route, deb_dir)
+            for text_name, content in texts.items():
+                _atomic_write(paths[text_name], content)
         result.update(paths)
     return result
 
 
-def _atomic_write(path: Path, content: str) -> None:
+def _fetch_books(source: Source, route: str, deb_dir) -> dict[str, str]:
+    if route == "debian" or (route == "auto" and deb_dir is not None):
+        return _from_debian(source, deb_dir)
+    try:
+        return _from_gutenberg(source)
+    except DataError as err:
+        if route == "hub" or shutil.which("apt-get") is None:
+            raise
+        print(f"note: {err}; trying the Debian package {source.package} instead", file=sys.stderr)
+        return _from_debian(source, deb_dir)
+
+
+def _atomic_write(path: Path, content: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(content, encoding="utf-8", newline="\n")
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content, encoding="utf-8", newline="\n")
     os.replace(tmp, path)
 
 
-def _record_manifest(root: Path, source: Source, deb: Path) -> None:
+def _record_manifest(root: Path, name: str, entry: dict) -> None:
     manifest_path = root / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = {}
+    manifest[name] = entry
+    _atomic_write(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- hub route
+
+
+def _fetch_longbench(root: Path, force: bool) -> dict[str, Path]:
+    """LongBench's ``data.zip`` through huggingface_hub, its JSONL files extracted."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        archive = hf_hub_download(LONGBENCH_REPO, "data.zip", repo_type="dataset", library_name="namm-mlx")
+    except LocalEntryNotFoundError:
+        raise DataError(
+            f"{LONGBENCH_REPO} data.zip is not in the Hugging Face cache and the Hub is unreachable "
+            "(HF_HUB_OFFLINE?); connect once to download it"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot download {LONGBENCH_REPO} data.zip: {err}") from None
+    folder = root / "longbench"
+    out: dict[str, Path] = {}
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                name = Path(info.filename).name  # never a path from the archive
+                if info.is_dir() or not name.endswith(".jsonl") or name.startswith("."):
+                    continue
+                target = folder / name
+                if force or not target.is_file() or target.stat().st_size != info.file_size:
+                    _atomic_write(target, zf.read(info))
+                out[f"longbench/{target.stem}"] = target
+    except zipfile.BadZipFile as err:
+        raise DataError(f"{archive} is not a readable zip ({err}); delete it from the Hugging Face cache") from None
+    if not out:
+        raise DataError(f"{LONGBENCH_REPO} data.zip holds no .jsonl files")
+    _record_manifest(root, "longbench", {"repo": LONGBENCH_REPO, "archive": str(archive), "files": len(out)})
+    return out
+
+
+def _download(url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "namm-mlx"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise DataError(f"cannot download {url}: {reason}") from None
+
+
+def _from_gutenberg(source: Source) -> dict[str, str]:
+    """The source's books as plain text from Project Gutenberg (HTTPS)."""
+    base = os.environ.get("NAMM_GUTENBERG_URL", GUTENBERG_URL).rstrip("/")
+    texts: dict[str, str] = {}
+    for text, number in zip(source.texts, source.gutenberg):
+        url = f"{base}/cache/epub/{number}/pg{number}.txt"
+        raw = _download(url).decode("utf-8", "replace").lstrip("\ufeff")
+        book = _strip_gutenberg(raw.replace("\r\n", "\n").replace("\r", "\n"))
+        texts[text] = _kjv_from_gutenberg(book) if text == "kjv" else _join_lines(book.split("\n"))
+    _record_manifest(text_cache_dir(), source.name, {"route": "gutenberg", "ebooks": list(source.gutenberg)})
+    return texts
+
+
+_GUTENBERG_VERSE = re.compile(r"^(\d+):(\d+)\s+(.*)$")
+
+
+def _kjv_from_gutenberg(book: str) -> str:
+    """Gutenberg's KJV (``C:V text`` verses, wrapped, separated by blank lines, under book
+    titles) as ``Ref<TAB>verse`` lines with ``bible-kjv``'s references; a book starts
+    wherever verse 1:1 does, so the titles' wording does not matter."""
+    verses: list[list[str]] = []
+    book_index, current = -1, None
+    for line in book.split("\n"):
+        m = _GUTENBERG_VERSE.match(line.strip())
+        if m:
+            chapter, verse = int(m.group(1)), int(m.group(2))
+            if chapter == 1 and verse == 1:
+                book_index += 1
+            if book_index < 0 or book_index >= len(KJV_BOOKS):
+                raise DataError("the Gutenberg KJV does not have the expected 66 books")
+            current = [f"{KJV_BOOKS[book_index]}{chapter}:{verse}", m.group(3).strip()]
+            verses.append(current)
+        elif current is not None and line.strip():
+            current[1] = f"{current[1]} {line.strip()}".strip()  # a wrapped verse goes on
+        else:
+            current = None  # a blank line ends the verse; book titles follow one
+    if book_index != len(KJV_BOOKS) - 1:
+        raise DataError(f"the Gutenberg KJV has {book_index + 1} books, expected {len(KJV_BOOKS)}")
+    return "".join(f"{ref}\t{text}\n" for ref, text in verses)
+
+
+# --------------------------------------------------------------------------- Debian route
+
+
+def _from_debian(source: Source, deb_dir) -> dict[str, str]:
+    with tempfile.TemporaryDirectory(prefix=f"namm-{source.name}-") as tmp:
+        tmp_path = Path(tmp)
+        deb = _find_or_download_deb(source.package, tmp_path, deb_dir)
+        unpacked = tmp_path / "root"
+        _extract_deb(deb, unpacked)
+        texts = _EXTRACTORS[source.name](unpacked)
     parts = deb.name[: -len(".deb")].split("_")
     version = parts[1].replace("%3a", ":") if len(parts) >= 2 else "unknown"
-    manifest[source.name] = {
-        "package": source.package,
-        "version": version,
-        "deb": deb.name,
+    _record_manifest(text_cache_dir(), source.name, {
+        "route": "debian", "package": source.package, "version": version, "deb": deb.name,
         "texts": {t: TEXTS[t] for t in source.texts},
-    }
-    _atomic_write(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    })
+    return texts
 
 
 def _find_or_download_deb(package: str, workdir: Path, deb_dir) -> Path:
@@ -363,21 +488,53 @@ def _join_lines(lines: list[str]) -> str:
     return text.strip("\n") + "\n"
 
 
+def _lazyload_objects(rdx: Path) -> dict:
+    """Every object of an R lazy-load database (``Rdata.rdx`` index + ``Rdata.rdb`` blobs):
+    each blob is 4 length bytes then a zlib stream of an R serialization."""
+    try:
+        import rdata
+    except ImportError:
+        raise DataError("reading R data needs rdata: pip install 'namm-mlx[debian]'") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata warns that an .rdx is "RDS with a wrong extension"
+        try:
+            index = rdata.conversion.convert(rdata.parser.parse_file(rdx))
+            blobs = rdx.with_suffix(".rdb").read_bytes()
+            out = {}
+            for name, (offset, length) in index["variables"].items():
+                raw = zlib.decompress(blobs[int(offset) + 4 : int(offset) + int(length)])
+                out[str(name)] = rdata.conversion.convert(rdata.parser.parse_data(raw))
+        except (OSError, ValueError, KeyError, TypeError, zlib.error) as err:
+            raise DataError(f"cannot read the R lazy-load database {rdx}: {err}") from None
+    return out
+
+
+def _r_lines(obj) -> list[str]:
+    """A character vector (NA -> "") or a data frame's ``text`` column, as lines."""
+    if hasattr(obj, "columns") and "text" in obj.columns:
+        obj = obj["text"]
+    return [v if isinstance(v, str) else "" for v in list(obj)]
+
+
+def _join_lines(lines: list[str]) -> str:
+    text = "\n".join(line.rstrip() for line in lines)
+    return text.strip("\n") + "\n"
+
+
 def _extract_austen(root: Path) -> dict[str, str]:
-    objects = read_lazyload_db(_r_library(root, "janeaustenr"))
+    objects = _lazyload_objects(_r_library(root, "janeaustenr"))
     missing = [r for r in _AUSTEN_OBJECTS if r not in objects]
     if missing:
         raise DataError(f"janeaustenr data lacks {', '.join(missing)} (has {', '.join(objects)})")
-    return {text: _join_lines(r_lines(objects[r])) for r, text in _AUSTEN_OBJECTS.items()}
+    return {text: _join_lines(_r_lines(objects[r])) for r, text in _AUSTEN_OBJECTS.items()}
 
 
 def _extract_mobydick(root: Path) -> dict[str, str]:
-    objects = read_lazyload_db(_r_library(root, "tokenizers"))
+    objects = _lazyload_objects(_r_library(root, "tokenizers"))
     if "mobydick" not in objects:
         raise DataError(f"tokenizers data lacks mobydick (has {', '.join(objects)})")
-    lines = r_lines(objects["mobydick"])
     # one string holding the whole Project Gutenberg file (CRLF, BOM, PG header and license)
-    text = "\n".join(lines).replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    text = "\n".join(_r_lines(objects["mobydick"])).replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
     return {"mobydick": _join_lines(_strip_gutenberg(text).split("\n"))}
 
 
@@ -429,81 +586,14 @@ _EXTRACTORS: dict[str, Callable[[Path], dict[str, str]]] = {
 }
 
 
-# --------------------------------------------------------------------------- bible.data
-
-
-def _unlzw(data: bytes, maxbits: int = 16) -> bytes:
-    """Decompress one Unix ``compress`` (LZW, block mode) stream without its 3-byte header.
-
-    A faithful port of the classic decoder, including its quirk of discarding the rest of a
-    ``n_bits``-byte group of input whenever the code width changes or the table is cleared.
-    """
-    out = bytearray()
-    maxmaxcode = 1 << maxbits
-    table: list[bytes] = [bytes([i]) for i in range(256)] + [b""]
-    n_bits, maxcode, free_ent, clear_flg = 9, (1 << 9) - 1, 257, False
-    pos, end = 0, len(data)
-    group: list[int] = []
-    gi = 0
-
-    def next_code() -> int:
-        nonlocal n_bits, maxcode, clear_flg, pos, group, gi
-        if clear_flg or gi >= len(group) or free_ent > maxcode:
-            if free_ent > maxcode:
-                n_bits += 1
-                maxcode = maxmaxcode if n_bits == maxbits else (1 << n_bits) - 1
-            if clear_flg:
-                n_bits, maxcode, clear_flg = 9, (1 << 9) - 1, False
-            size = min(n_bits, end - pos)
-            if size <= 0:
-                return -1
-            value = int.from_bytes(data[pos : pos + size], "little")
-            pos += size
-            mask = (1 << n_bits) - 1
-            group = [(value >> (i * n_bits)) & mask for i in range(8 * size // n_bits)]
-            gi = 0
-            if not group:
-                return -1
-        gi += 1
-        return group[gi - 1]
-
-    code = next_code()
-    if code < 0:
-        return b""
-    if code > 255:
-        raise DataError("corrupt LZW stream: first code is not a literal")
-    prev = table[code]
-    out += prev
-    while True:
-        code = next_code()
-        if code < 0:
-            break
-        if code == 256:
-            del table[257:]
-            clear_flg, free_ent = True, 256
-            code = next_code()
-            if code < 0:
-                break
-        if code < len(table) and code < free_ent:
-            entry = table[code]
-        elif code == free_ent:
-            entry = prev + prev[:1]
-        else:
-            raise DataError(f"corrupt LZW stream: code {code} beyond table size {free_ent}")
-        out += entry
-        if free_ent < maxmaxcode:
-            new = prev + entry[:1]
-            if free_ent < len(table):
-                table[free_ent] = new
-            else:
-                table.append(new)
-            free_ent += 1
-        prev = entry
-    return bytes(out)
-
-
 def decode_bible_data(data: bytes) -> str:
-    """The plain text of a Bible Retrieval System ``bible.data`` file (format ``EC02``)."""
+    """The plain text of a Bible Retrieval System ``bible.data`` file (format ``EC02``): an
+    84-byte header, the window size and count, a table of window offsets, then each 64 KiB
+    window of the text compressed on its own with Unix ``compress`` (decoded by unlzw3)."""
+    try:
+        import unlzw3
+    except ImportError:
+        raise DataError("decoding bible.data needs unlzw3: pip install 'namm-mlx[debian]'") from None
     if len(data) < 92 or data[:4] != b"EC02":
         raise DataError("not a bible.data file (expected magic 'EC02')")
     wsize, wnum = struct.unpack_from(">II", data, 84)
@@ -511,493 +601,17 @@ def decode_bible_data(data: bytes) -> str:
         raise DataError(f"implausible bible.data header: {wnum} windows of {wsize} bytes")
     table = struct.unpack_from(f">{wnum + 1}I", data, 92)
     first = table[0]
-    maxbits = 16
-    if data[first - 3 : first - 1] == b"\x1f\x9d":  # compress header before window 0
-        maxbits = data[first - 1] & 0x1F
+    header = data[first - 3 : first] if data[first - 3 : first - 1] == b"\x1f\x9d" else b"\x1f\x9d\x90"
     parts = []
     for i in range(wnum):
         start, stop = table[i], table[i + 1]
         if not 0 <= start <= stop <= len(data):
             raise DataError(f"bible.data window {i} lies outside the file")
-        window = _unlzw(data[start:stop], maxbits)
+        try:
+            window = unlzw3.unlzw(header + data[start:stop])
+        except (ValueError, IndexError) as err:
+            raise DataError(f"bible.data window {i} is corrupt ({err})") from None
         if i < wnum - 1 and len(window) != wsize:
             raise DataError(f"bible.data window {i} decoded to {len(window)} bytes, not {wsize}")
         parts.append(window)
     return b"".join(parts).decode("latin-1")
-
-
-# --------------------------------------------------------------------------- R serialization
-
-
-class RObject:
-    """Base of decoded R values that are not plain Python values; ``attributes`` is a dict."""
-
-    rtype = "object"
-    attributes: dict
-
-    def attr(self, name: str, default=None):
-        return self.attributes.get(name, default)
-
-
-class RVector(list, RObject):
-    """An R atomic vector or list: a Python list plus ``rtype`` and ``attributes``.
-
-    ``rtype`` is R's ``typeof``: character, integer, logical, double, complex, raw, list,
-    expression.  NA is ``None`` (for doubles, ``NA_real_`` is ``None`` and NaN stays NaN).
-    """
-
-    def __init__(self, items=(), rtype: str = "list", attributes: dict | None = None):
-        super().__init__(items)
-        self.rtype = rtype
-        self.attributes = attributes or {}
-
-    @property
-    def names(self) -> list | None:
-        return self.attributes.get("names")
-
-    def as_dict(self) -> dict:
-        """``{name: item}`` using the ``names`` attribute."""
-        names = self.names
-        if names is None or len(names) != len(self):
-            raise DataError(f"R {self.rtype} vector has no names")
-        return dict(zip(names, self))
-
-    def __repr__(self) -> str:
-        return f"RVector({self.rtype}, {list.__repr__(self)[:200]}, attributes={list(self.attributes)})"
-
-
-class RPairlist(list, RObject):
-    """An R pairlist (or call, closure, ...): a list of ``(tag or None, value)``."""
-
-    def __init__(self, items=(), rtype: str = "pairlist", attributes: dict | None = None):
-        super().__init__(items)
-        self.rtype = rtype
-        self.attributes = attributes or {}
-
-    def as_dict(self) -> dict:
-        return {tag: value for tag, value in self if tag is not None}
-
-
-class RSymbol(str):
-    """An R symbol (name)."""
-
-
-class REnvironment(RObject):
-    """An R environment; ``kind`` is global, base, empty, namespace, package or env."""
-
-    rtype = "environment"
-
-    def __init__(self, kind: str = "env", info=None):
-        self.kind = kind
-        self.info = info
-        self.frame = None
-        self.hashtab = None
-        self.enclos = None
-        self.attributes = {}
-
-    def __repr__(self) -> str:
-        return f"REnvironment({self.kind})"
-
-
-class RS4(RObject):
-    rtype = "S4"
-
-    def __init__(self, attributes: dict | None = None):
-        self.attributes = attributes or {}
-
-
-class RPersistent(RObject):
-    """A persistent reference (e.g. a namespace in a lazy-load DB) left unresolved."""
-
-    rtype = "persistent"
-
-    def __init__(self, names):
-        self.names = names
-        self.attributes = {}
-
-
-class RBuiltin(RObject):
-    def __init__(self, rtype: str, name: str):
-        self.rtype = rtype
-        self.name = name
-        self.attributes = {}
-
-
-class RExternal(RObject):
-    """External pointer or weak reference; only its attributes are kept."""
-
-    def __init__(self, rtype: str):
-        self.rtype = rtype
-        self.attributes = {}
-
-
-# SEXP type codes (Rinternals.h) and serialization pseudo-types (serialize.c)
-_NILSXP, _SYMSXP, _LISTSXP, _CLOSXP, _ENVSXP, _PROMSXP, _LANGSXP = 0, 1, 2, 3, 4, 5, 6
-_SPECIALSXP, _BUILTINSXP, _CHARSXP, _LGLSXP, _INTSXP, _REALSXP, _CPLXSXP = 7, 8, 9, 10, 13, 14, 15
-_STRSXP, _DOTSXP, _VECSXP, _EXPRSXP, _BCODESXP, _EXTPTRSXP, _WEAKREFSXP = 16, 17, 19, 20, 21, 22, 23
-_RAWSXP, _S4SXP = 24, 25
-_REFSXP, _NILVALUE_SXP, _GLOBALENV_SXP, _UNBOUNDVALUE_SXP, _MISSINGARG_SXP = 255, 254, 253, 252, 251
-_BASENAMESPACE_SXP, _NAMESPACESXP, _PACKAGESXP, _PERSISTSXP = 250, 249, 248, 247
-_EMPTYENV_SXP, _BASEENV_SXP, _ATTRLANGSXP, _ATTRLISTSXP, _ALTREP_SXP = 242, 241, 240, 239, 238
-
-_PAIRLIST_TYPES = {
-    _LISTSXP: "pairlist",
-    _LANGSXP: "language",
-    _CLOSXP: "closure",
-    _PROMSXP: "promise",
-    _DOTSXP: "...",
-}
-_VECTOR_NAMES = {
-    _LGLSXP: "logical",
-    _INTSXP: "integer",
-    _REALSXP: "double",
-    _CPLXSXP: "complex",
-    _STRSXP: "character",
-    _VECSXP: "list",
-    _EXPRSXP: "expression",
-    _RAWSXP: "raw",
-}
-_NA_INTEGER = -(2**31)
-_NA_REAL_BITS = 0x7FF00000000007A2  # R's NA_real_: a NaN with low word 1954
-_UTF8_MASK, _LATIN1_MASK, _BYTES_MASK, _ASCII_MASK = 1 << 3, 1 << 2, 1 << 1, 1 << 6
-
-
-class _Reader:
-    def __init__(self, data: bytes, endian: str):
-        self.buf = memoryview(data)
-        self.pos = 0
-        self.e = endian
-        self.refs: list = []
-        self.native_encoding = "utf-8"
-
-    def _need(self, n: int) -> None:
-        if self.pos + n > len(self.buf):
-            raise DataError(f"truncated R serialization at byte {self.pos} (needs {n} more)")
-
-    def int(self) -> int:
-        self._need(4)
-        (v,) = struct.unpack_from(self.e + "i", self.buf, self.pos)
-        self.pos += 4
-        return v
-
-    def length(self) -> int:
-        n = self.int()
-        if n == -1:  # long vector: two more ints
-            hi, lo = self.int(), self.int()
-            n = (hi << 32) + (lo & 0xFFFFFFFF)
-        if n < 0:
-            raise DataError(f"negative R vector length {n}")
-        return n
-
-    def bytes(self, n: int) -> bytes:
-        self._need(n)
-        out = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return out
-
-    def ints(self, n: int) -> list:
-        self._need(4 * n)
-        vals = struct.unpack_from(f"{self.e}{n}i", self.buf, self.pos)
-        self.pos += 4 * n
-        return [None if v == _NA_INTEGER else v for v in vals]
-
-    def doubles(self, n: int) -> list:
-        self._need(8 * n)
-        raw = struct.unpack_from(f"{self.e}{n}Q", self.buf, self.pos)
-        vals = struct.unpack_from(f"{self.e}{n}d", self.buf, self.pos)
-        self.pos += 8 * n
-        return [None if (r & 0x7FFFFFFFFFFFFFFF) == _NA_REAL_BITS else v for r, v in zip(raw, vals)]
-
-    # -- items
-
-    def charsxp(self, levels: int):
-        n = self.int()
-        if n == -1:
-            return None  # NA_character_
-        raw = self.bytes(n)
-        if levels & _LATIN1_MASK:
-            return raw.decode("latin-1")
-        if levels & (_UTF8_MASK | _ASCII_MASK):
-            return raw.decode("utf-8", "replace")
-        try:
-            return raw.decode(self.native_encoding)
-        except (UnicodeDecodeError, LookupError):
-            return raw.decode("latin-1")
-
-    def attributes(self) -> dict:
-        plist = self.item()
-        if plist is None:
-            return {}
-        if not isinstance(plist, RPairlist):
-            raise DataError("R attributes are not a pairlist")
-        return {str(tag): value for tag, value in plist}
-
-    def string_vec(self) -> list:
-        if self.int() != 0:
-            raise DataError("bad persistent/namespace string vector")
-        return [self.item() for _ in range(self.length())]
-
-    def item(self):
-        flags = self.int()
-        t = flags & 0xFF
-        levels = flags >> 12
-        has_attr = bool(flags & (1 << 9))
-
-        if t == _NILVALUE_SXP:
-            return None
-        if t == _REFSXP:
-            idx = flags >> 8 or self.int()
-            if not 0 < idx <= len(self.refs):
-                raise DataError(f"bad R reference index {idx}")
-            return self.refs[idx - 1]
-        if t == _EMPTYENV_SXP:
-            return REnvironment("empty")
-        if t == _BASEENV_SXP:
-            return REnvironment("base")
-        if t == _GLOBALENV_SXP:
-            return REnvironment("global")
-        if t == _BASENAMESPACE_SXP:
-            return REnvironment("namespace", ["base"])
-        if t == _UNBOUNDVALUE_SXP:
-            return RSymbol("<unbound>")
-        if t == _MISSINGARG_SXP:
-            return RSymbol("")
-        if t == _PERSISTSXP:
-            obj = RPersistent(self.string_vec())
-            self.refs.append(obj)
-            return obj
-        if t in (_NAMESPACESXP, _PACKAGESXP):
-            obj = REnvironment("namespace" if t == _NAMESPACESXP else "package", self.string_vec())
-            self.refs.append(obj)
-            return obj
-        if t == _SYMSXP:
-            sym = RSymbol(self.item() or "")
-            self.refs.append(sym)
-            return sym
-        if t == _ENVSXP:
-            env = REnvironment("env")
-            self.refs.append(env)
-            self.int()  # locked
-            env.enclos = self.item()
-            env.frame = self.item()
-            env.hashtab = self.item()
-            env.attributes = self.attributes()
-            return env
-        if t in _PAIRLIST_TYPES or t in (_ATTRLANGSXP, _ATTRLISTSXP):
-            return self.pairlist(t, flags)
-        if t == _CHARSXP:
-            return self.charsxp(levels)
-        if t in (_SPECIALSXP, _BUILTINSXP):
-            n = self.int()
-            return RBuiltin("special" if t == _SPECIALSXP else "builtin", self.bytes(n).decode())
-        if t == _ALTREP_SXP:
-            return self.altrep()
-        if t in (_EXTPTRSXP, _WEAKREFSXP):
-            obj = RExternal("externalptr" if t == _EXTPTRSXP else "weakref")
-            self.refs.append(obj)
-            if t == _EXTPTRSXP:
-                self.item()  # prot
-                self.item()  # tag
-        elif t == _S4SXP:
-            obj = RS4()
-        elif t in _VECTOR_NAMES:
-            obj = self.vector(t)
-        elif t == _BCODESXP:
-            raise DataError("R byte code is not supported by this reader")
-        else:
-            raise DataError(f"unsupported R SEXP type {t} at byte {self.pos - 4}")
-        if has_attr:
-            obj.attributes = self.attributes()
-        return obj
-
-    def vector(self, t: int) -> RVector:
-        n = self.length()
-        name = _VECTOR_NAMES[t]
-        if t == _STRSXP:
-            items = []
-            for _ in range(n):
-                flags = self.int()
-                if flags & 0xFF != _CHARSXP:
-                    raise DataError(f"character vector element of type {flags & 0xFF}")
-                items.append(self.charsxp(flags >> 12))
-        elif t in (_VECSXP, _EXPRSXP):
-            items = [self.item() for _ in range(n)]
-        elif t == _INTSXP:
-            items = self.ints(n)
-        elif t == _LGLSXP:
-            items = [None if v is None else bool(v) for v in self.ints(n)]
-        elif t == _REALSXP:
-            items = self.doubles(n)
-        elif t == _CPLXSXP:
-            d = self.doubles(2 * n)
-            items = [
-                None if a is None or b is None else complex(a, b) for a, b in zip(d[::2], d[1::2])
-            ]
-        else:  # RAWSXP
-            items = list(self.bytes(n))
-        return RVector(items, name)
-
-    def pairlist(self, t: int, flags: int) -> RPairlist:
-        rtype = _PAIRLIST_TYPES.get(t, "language" if t == _ATTRLANGSXP else "pairlist")
-        out = RPairlist(rtype=rtype)
-        # iterate along CDRs instead of recursing, as R's own reader does
-        while True:
-            has_attr = bool(flags & (1 << 9)) or t in (_ATTRLANGSXP, _ATTRLISTSXP)
-            has_tag = bool(flags & (1 << 10))
-            attrs = self.attributes() if has_attr else {}
-            if attrs and not out.attributes:
-                out.attributes = attrs
-            tag = self.item() if has_tag else None
-            value = self.item()
-            out.append((None if tag is None else str(tag), value))
-            flags = self.int()
-            t2 = flags & 0xFF
-            if t2 == _NILVALUE_SXP:
-                return out
-            if t2 not in _PAIRLIST_TYPES and t2 not in (_ATTRLANGSXP, _ATTRLISTSXP):
-                # improper list: CDR is some other object; keep it as an untagged element
-                self.pos -= 4
-                out.append((None, self.item()))
-                return out
-            t = t2
-
-    def altrep(self):
-        info = self.item()
-        state = self.item()
-        attrs = self.item()
-        cls = str(info[0][1]) if isinstance(info, RPairlist) and info else "?"
-        if cls == "compact_intseq":
-            n, start, step = (int(v) for v in state)
-            obj = RVector([start + i * step for i in range(n)], "integer")
-        elif cls == "compact_realseq":
-            n, start, step = state
-            obj = RVector([start + i * step for i in range(int(n))], "double")
-        elif cls.startswith("wrap_"):
-            inner = state[0] if isinstance(state, RVector) else state[0][1]
-            obj = RVector(list(inner), getattr(inner, "rtype", cls[5:]))
-        elif cls == "deferred_string":
-            arg = state[0][1] if isinstance(state, RPairlist) else state
-            obj = RVector([None if v is None else _r_number_str(v) for v in arg], "character")
-        else:
-            raise DataError(f"unsupported R ALTREP class {cls!r}")
-        if isinstance(attrs, RPairlist):
-            obj.attributes = {str(tag): value for tag, value in attrs}
-        return obj
-
-
-def _r_number_str(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def unserialize(data: bytes):
-    """Decode an uncompressed R serialization stream (``X\\n`` XDR or ``B\\n`` native binary,
-    format versions 2 and 3) into Python values: ``None`` for NULL, :class:`RVector`,
-    :class:`RPairlist`, :class:`RSymbol`, :class:`REnvironment`, ...
-    """
-    head = bytes(data[:2])
-    if head == b"X\n":
-        reader = _Reader(data, ">")
-    elif head == b"B\n":
-        reader = _Reader(data, "<")
-    elif head == b"A\n":
-        raise DataError("ASCII R serialization is not supported (only XDR and binary)")
-    else:
-        raise DataError(f"not an R serialization stream (starts with {head!r})")
-    reader.pos = 2
-    version = reader.int()
-    reader.int()  # writer's R version
-    reader.int()  # minimal reader R version
-    if version == 3:
-        n = reader.int()
-        enc = reader.bytes(n).decode("ascii", "replace")
-        try:
-            "".encode(enc)
-            reader.native_encoding = enc
-        except LookupError:
-            pass
-    elif version != 2:
-        raise DataError(f"unsupported R serialization version {version}")
-    return reader.item()
-
-
-def _decompress_any(data: bytes) -> bytes:
-    if data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
-    if data[:3] == b"BZh":
-        return bz2.decompress(data)
-    if data[:6] == b"\xfd7zXZ\x00":
-        return lzma.decompress(data)
-    return data
-
-
-def read_rds(data: bytes | str | os.PathLike):
-    """Read an RDS file (a path or its bytes; gzip/bzip2/xz/uncompressed)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        data = Path(data).read_bytes()
-    try:
-        raw = _decompress_any(bytes(data))
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
-        raise DataError(f"cannot decompress RDS data: {exc}") from None
-    return unserialize(raw)
-
-
-def _lazyload_blob(blob: bytes, compressed) -> bytes:
-    """Decompress one ``.rdb`` entry as R's ``lazyLoadDBfetch`` does."""
-    try:
-        if not compressed:
-            return blob
-        if compressed is True or compressed == 1:
-            return zlib.decompress(blob[4:])
-        kind = blob[4:5]
-        body = blob[5:]
-        if kind == b"Z":
-            return lzma.decompress(body)
-        if kind == b"2":
-            return bz2.decompress(body)
-        if kind == b"1":
-            return zlib.decompress(body)
-        if kind == b"0":
-            return body
-        raise DataError(f"unknown lazy-load compression type {kind!r}")
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
-        raise DataError(f"cannot decompress lazy-load entry: {exc}") from None
-
-
-def read_lazyload_db(rdx: str | os.PathLike, rdb: str | os.PathLike | None = None) -> dict:
-    """All objects of an R lazy-load database (``<name>.rdx`` + ``<name>.rdb``): name -> value."""
-    rdx = Path(rdx)
-    rdb = Path(rdb) if rdb is not None else rdx.with_suffix(".rdb")
-    index = read_rds(rdx.read_bytes())
-    if not isinstance(index, RVector) or index.names is None:
-        raise DataError(f"{rdx.name} is not a lazy-load index")
-    fields = index.as_dict()
-    variables = fields.get("variables")
-    if not isinstance(variables, RVector):
-        raise DataError(f"{rdx.name} has no 'variables' table")
-    comp = fields.get("compressed")
-    compressed = comp[0] if isinstance(comp, RVector) and comp else True
-    blob_all = rdb.read_bytes()
-    out = {}
-    for name, where in variables.as_dict().items():
-        offset, length = (int(v) for v in where[:2])
-        if offset < 0 or offset + length > len(blob_all):
-            raise DataError(f"{rdb.name}: entry {name!r} lies outside the file")
-        out[name] = unserialize(_lazyload_blob(blob_all[offset : offset + length], compressed))
-    return out
-
-
-def r_lines(obj) -> list[str]:
-    """The lines of a text held in R: a character vector (NA -> ""), or the ``text`` column of
-    a data frame / tibble, or a length-1 list holding one of those."""
-    if isinstance(obj, RVector):
-        if obj.rtype == "character":
-            return ["" if s is None else s for s in obj]
-        if obj.rtype == "list":
-            names = obj.names or []
-            if "text" in names:
-                return r_lines(obj[names.index("text")])
-            if len(obj) == 1:
-                return r_lines(obj[0])
-    raise DataError(f"cannot read lines from an R {getattr(obj, 'rtype', type(obj).__name__)}")

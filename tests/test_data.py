@@ -1,17 +1,24 @@
-"""namm_mlx.data: the R serialization reader, the bible.data decoder, the cache API and the
-offline excerpts in tests/data.  Nothing here needs apt or the network, except the
-end-to-end extraction test, which runs only with NAMM_TEST_APT=1."""
+"""namm_mlx.data: both routes (Hugging Face Hub + HTTPS, Debian packages), the bible.data
+decoder, the cache API and the offline excerpts in tests/data.  Nothing here needs apt or
+the network: the hub route reads a real huggingface_hub cache laid out here with
+HF_HUB_OFFLINE=1, Gutenberg is served from loopback, the Debian packages are built here;
+the end-to-end Debian extraction runs only with NAMM_TEST_APT=1."""
 
 from __future__ import annotations
 
+import functools
 import gzip
+import http.server
 import io
-import lzma
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
+import threading
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -20,23 +27,18 @@ import pytest
 from namm_mlx import data
 from namm_mlx.data import (
     DataError,
-    RVector,
     decode_bible_data,
     fetch_texts,
     load_text,
     parse_kjv,
     parse_kjv_ref,
-    r_lines,
-    read_lazyload_db,
-    read_rds,
-    unserialize,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-# --------------------------------------------------------------------------- a tiny XDR writer
+# ----------------------------------- a tiny writer of R serializations (for a fake janeaustenr .deb)
 
 
 def _i(*vals: int) -> bytes:
@@ -89,96 +91,6 @@ def _named_list(named: dict[str, bytes], refs: dict) -> bytes:
     return _vecsxp(list(named.values()), _attrs([("names", _strsxp(list(named)))], refs))
 
 
-# --------------------------------------------------------------------------- R reader
-
-
-def test_unserialize_strsxp_with_na_and_utf8():
-    obj = unserialize(_header() + _strsxp(["a", "é", None]))
-    assert isinstance(obj, RVector)
-    assert obj.rtype == "character"
-    assert list(obj) == ["a", "é", None]
-    assert r_lines(obj) == ["a", "é", ""]
-
-
-def test_unserialize_vecsxp_with_names_attribute_version2():
-    payload = _vecsxp(
-        [_intsxp([1, None]), _strsxp(["x", None])],
-        _attrs([("names", _strsxp(["n", "s"]))]),
-    )
-    obj = unserialize(_header(version=2) + payload)
-    assert obj.rtype == "list"
-    assert obj.names == ["n", "s"]
-    d = obj.as_dict()
-    assert d["n"].rtype == "integer" and list(d["n"]) == [1, None]
-    assert list(d["s"]) == ["x", None]
-
-
-def test_unserialize_data_frame_with_symbol_references_and_reals():
-    refs: dict = {}
-    # the column comes first in the stream; the frame's own "names" then is a REFSXP
-    inner = _strsxp(["Line one", "Line two"], _attrs([("names", _strsxp(["a", "b"]))], refs))
-    names = _attrs(
-        [
-            ("names", _strsxp(["text", "book"])),
-            ("class", _strsxp(["tbl_df", "data.frame"])),
-            ("row.names", _intsxp([None, -2])),
-        ],
-        refs,
-    )
-    assert _i(0x1FF) in names
-    book = _i(14, 2) + struct.pack(">2d", 1.5, 2.0)
-    obj = unserialize(_header() + _vecsxp([inner, book], names))
-    assert obj.attr("class") == ["tbl_df", "data.frame"]
-    assert obj[0].names == ["a", "b"]
-    assert list(obj[1]) == [1.5, 2.0]
-    assert r_lines(obj) == ["Line one", "Line two"]
-
-
-def test_unserialize_logical_nil_and_errors():
-    obj = unserialize(_header() + _i(10, 3, 1, 0, -(2**31)))
-    assert list(obj) == [True, False, None]
-    assert unserialize(_header() + _i(254)) is None
-    with pytest.raises(DataError, match="not an R serialization"):
-        unserialize(b"RDX2\n")
-    with pytest.raises(DataError, match="truncated"):
-        unserialize(_header() + _i(16, 5))
-
-
-def test_read_rds_and_lazyload_db(tmp_path):
-    novel = _strsxp(["CHAPTER I", "", "It is a truth."])
-    other = _strsxp(["Call me Ishmael."])
-    blobs = []
-    for payload in (novel, other):
-        raw = _header() + payload
-        blobs.append(struct.pack(">I", len(raw)) + zlib.compress(raw))
-    offsets = [0, len(blobs[0])]
-    refs: dict = {}
-    variables = _named_list(
-        {name: _intsxp([off, len(b)]) for name, off, b in zip(["emma", "moby"], offsets, blobs)},
-        refs,
-    )
-    index = _named_list(
-        {
-            "variables": variables,
-            "references": _vecsxp([]),
-            "compressed": _i(10, 1, 1),
-        },
-        refs,
-    )
-    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(_header() + index))
-    (tmp_path / "Rdata.rdb").write_bytes(b"".join(blobs))
-    assert read_rds(tmp_path / "Rdata.rdx").names == ["variables", "references", "compressed"]
-    objs = read_lazyload_db(tmp_path / "Rdata.rdx")
-    assert list(objs["emma"]) == ["CHAPTER I", "", "It is a truth."]
-    assert list(objs["moby"]) == ["Call me Ishmael."]
-
-
-def test_lazyload_xz_entries():
-    raw = _header() + _strsxp(["x"])
-    blob = struct.pack(">I", len(raw)) + b"Z" + lzma.compress(raw)
-    assert data._lazyload_blob(blob, 3) == raw
-
-
 # --------------------------------------------------------------------------- bible.data
 
 
@@ -225,11 +137,6 @@ def test_decode_bible_data_windows():
         decode_bible_data(b"nope" * 30)
 
 
-def test_unlzw_round_trip_repetitive():
-    text = b"TOBEORNOTTOBEORTOBEORNOT#" * 3
-    assert data._unlzw(_lzw_compress(text)) == text
-
-
 # --------------------------------------------------------------------------- cache API
 
 
@@ -263,7 +170,7 @@ def test_fetch_without_apt_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("NAMM_MLX_CACHE", str(tmp_path))
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get not found"):
-        fetch_texts(["mobydick"])
+        fetch_texts(["mobydick"], route="debian")
 
 
 def test_fetch_missing_package_lists_suggests_update(monkeypatch, tmp_path):
@@ -277,7 +184,7 @@ def test_fetch_missing_package_lists_suggests_update(monkeypatch, tmp_path):
 
     monkeypatch.setattr(data.subprocess, "run", fake_run)
     with pytest.raises(DataError, match="apt-get update") as err:
-        fetch_texts(["mobydick"])
+        fetch_texts(["mobydick"], route="debian")
     assert "\n" not in str(err.value)
 
 
@@ -341,6 +248,115 @@ def test_fetch_from_deb_dir(monkeypatch, tmp_path, with_dpkg):
     assert '"version": "1.0.0-1"' in manifest
 
 
+# --------------------------------------------------------------------------- hub route
+
+
+def _namm() -> list[str]:
+    script = Path(sys.executable).with_name("namm")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
+
+
+def _longbench_cache(hf_home: Path) -> None:
+    """THUDM/LongBench's data.zip as huggingface_hub caches a downloaded dataset repo."""
+    repo = hf_home / "hub" / "datasets--THUDM--LongBench"
+    rev = "5e628be" + "0" * 33
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    item = {"input": "What is the passkey?", "context": "The passkey is 7314. " * 50, "answers": ["7314"],
+            "length": 250, "dataset": "passkey_demo", "language": "en", "all_classes": None, "_id": "a1"}
+    with zipfile.ZipFile(repo / "snapshots" / rev / "data.zip", "w") as zf:
+        zf.writestr("data/passkey_demo.jsonl", json.dumps(item) + "\n" + json.dumps({**item, "_id": "a2"}) + "\n")
+        zf.writestr("data/qasper.jsonl", json.dumps({**item, "dataset": "qasper"}) + "\n")
+        zf.writestr("data/../../evil.jsonl", json.dumps(item) + "\n")  # must land inside the cache folder
+        zf.writestr("data/README.txt", "not a dataset")
+
+
+def test_hub_route_fetches_longbench_offline_from_the_hf_cache(tmp_path):
+    from namm_mlx.eval.longbench import load_jsonl
+
+    hf_home, cache = tmp_path / "hf", tmp_path / "cache"
+    _longbench_cache(hf_home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", NAMM_MLX_CACHE=str(cache), NAMM_OPENBLAS="0")
+    out = subprocess.run([*_namm(), "data", "fetch", "longbench", "--source", "hub"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listed = dict(line.split("\t") for line in out.stdout.strip().splitlines())
+    assert sorted(listed) == ["longbench/evil", "longbench/passkey_demo", "longbench/qasper"]
+    folder = cache / "texts" / "longbench"
+    assert all(Path(p).parent == folder for p in listed.values()) and not (tmp_path / "evil.jsonl").exists()
+    items = load_jsonl(listed["longbench/passkey_demo"])  # what `namm eval --data` reads
+    assert [i["_id"] for i in items] == ["a1", "a2"] and items[0]["answers"] == ["7314"]
+    shown = subprocess.run([*_namm(), "data", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert "longbench/qasper\t" in shown.stdout
+
+    empty = {**env, "HF_HOME": str(tmp_path / "empty-hf")}
+    missing = subprocess.run([*_namm(), "data", "fetch", "longbench", "--source", "hub"], env=empty,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not in the Hugging Face cache" in lines[0] and "Traceback" not in missing.stderr
+
+
+def _gutenberg_files(root: Path) -> None:
+    """Moby Dick and a 66-book KJV in Project Gutenberg's plain-text layout."""
+    head = "\ufeffThe Project Gutenberg eBook of {t}\r\n\r\n*** START OF THE PROJECT GUTENBERG EBOOK {t} ***\r\n"
+    tail = "\r\n*** END OF THE PROJECT GUTENBERG EBOOK {t} ***\r\n\r\nLicense text.\r\n"
+    moby = root / "cache" / "epub" / "2701"
+    moby.mkdir(parents=True)
+    (moby / "pg2701.txt").write_bytes((head.format(t="MOBY DICK") + "\r\nCHAPTER 1. Loomings.\r\n\r\nCall me Ishmael."
+                                       + tail.format(t="MOBY DICK")).encode())
+    books = []
+    for b in range(66):
+        verses = [f"1:1 Verse one of book {b}.", f"1:2 A verse that wraps\r\nonto a second line in book {b}."]
+        if b == 65:
+            verses.append("22:21 The grace of our Lord Jesus Christ be with you all. Amen.")
+        books.append(f"Book Title Number {b}\r\n\r\n\r\n" + "\r\n\r\n".join(verses))
+    kjv = root / "cache" / "epub" / "10"
+    kjv.mkdir(parents=True)
+    (kjv / "pg10.txt").write_bytes((head.format(t="KJV") + "\r\n\r\n".join(books) + "\r\n" + tail.format(t="KJV")).encode())
+
+
+@pytest.fixture()
+def gutenberg(tmp_path, monkeypatch):
+    """A loopback HTTP server in Gutenberg's layout (NAMM_GUTENBERG_URL points at it)."""
+    root = tmp_path / "site"
+    _gutenberg_files(root)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NAMM_GUTENBERG_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_route_books_over_https(tmp_path, monkeypatch, gutenberg):
+    monkeypatch.setenv("NAMM_MLX_CACHE", str(tmp_path / "cache"))
+    paths = fetch_texts(["mobydick", "kjv"], route="hub")
+    assert set(paths) == {"mobydick", "kjv"}
+    assert load_text("mobydick") == "CHAPTER 1. Loomings.\n\nCall me Ishmael.\n"  # no Gutenberg header/licence
+    verses = dict(parse_kjv(load_text("kjv")))
+    assert len(verses) == 133 and verses["Ge1:1"] == "Verse one of book 0."
+    assert verses["Exo1:2"] == "A verse that wraps onto a second line in book 1."
+    assert verses["Rev22:21"].endswith("Amen.")
+    assert "Book Title" not in load_text("kjv")
+
+
+def test_routes_refuse_what_they_cannot_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAMM_MLX_CACHE", str(tmp_path))
+    monkeypatch.setenv("NAMM_GUTENBERG_URL", "http://127.0.0.1:9")  # nothing listens: a download error
+    with pytest.raises(DataError, match="only on the Hugging Face Hub"):
+        fetch_texts(["longbench"], route="debian")
+    with pytest.raises(DataError, match="cannot download"):
+        fetch_texts(["mobydick"], route="hub")
+    with pytest.raises(DataError, match="unknown route"):
+        fetch_texts(["mobydick"], route="ftp")
+
+
 # --------------------------------------------------------------------------- offline excerpts
 
 
@@ -385,7 +401,7 @@ def test_example_text_fits_smollm2_context():
 )
 def test_fetch_texts_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("NAMM_MLX_CACHE", str(tmp_path))
-    paths = fetch_texts()
+    paths = fetch_texts(route="debian")
     assert set(paths) == set(data.TEXTS)
     assert len(load_text("emma").split()) > 150_000
     assert "Call me Ishmael" in load_text("mobydick")
