@@ -719,6 +719,14 @@ def test_recall_only_resume_and_protocols_kept_apart(tmp_path, tokenizer, wide_t
     assert len(read_predictions(pred)) == 5
     with pytest.raises(EvalError, match="query-agnostic"):
         runner.run_eval(None, None, items, runs, tmp_path, recall_only=True, protocol="aware", **kwargs)
+    # a one-shot policy evicts nothing before the document's end, so the replay
+    # (recall-only) gives exactly its online kept set and recall
+    for recall_only in (True, False):
+        runner.run_eval(wide_tiny_model, tokenizer, items, runs[1:], tmp_path, recall_only=recall_only,
+                        baseline_eviction="prompt", **kwargs)
+    replayed, online = [r for r in read_predictions(pred) if r.get("eviction") == "prompt"]
+    assert replayed["score"] is None and online["score"] is not None
+    assert replayed["kept_digest"] == online["kept_digest"] and replayed["recall"] == pytest.approx(online["recall"], abs=1e-6)
 
 
 def test_budgets_and_plans_of_the_query_agnostic_protocol():

@@ -93,11 +93,44 @@ def test_eval_longbench_jsonl(tmp_path):
     assert results["config"]["data"] == [str(data)]
 
 
+def test_eval_query_agnostic_namm_and_baseline_at_one_budget(tmp_path):
+    """The default protocol end to end: the shipped NAMM (ranked) and H2O keep the
+    same number of tokens of the document, every pair has its recall, the table
+    and results.json carry intervals, and a recall-only rerun has nothing to do."""
+    out = tmp_path / "qa"
+    args = ["eval", "--policy", "full,namm,h2o", "--tasks", "passkey", "--lengths", "1024", "--limit", "1",
+            "--budget", "0.5", "--max-tokens", "8", "--text", str(DATA / "pride_and_prejudice.txt"), "--out", str(out),
+            "--no-progress"]
+    result = _invoke(args)
+    header = result.stdout.splitlines()[0].split()
+    assert "recall" in header and "CI" in header
+    records = {r["policy"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert set(records) == {"full", "namm", "h2o"}
+    doc = records["full"]["document_tokens"]
+    assert doc % 16 == 0 and records["full"]["prompt_tokens"] == doc + records["full"]["question_tokens"]
+    for policy in ("namm", "h2o"):
+        r = records[policy]
+        assert r["protocol"] == "agnostic" and r["eviction"] == "online" and r["budget"] == "0.5"
+        assert r["max_kv_size"] == -(-doc // 2) and r["kept_fraction"] == pytest.approx(r["max_kv_size"] / doc)
+        assert 0.0 < r["recall"] < 1.0 and r["recall_offsets"][-1] == doc
+    assert records["full"]["recall"] == 1.0 and records["namm"]["namm_sha"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "agnostic" and results["config"]["protocol"] == "agnostic"
+    for row in results["overall"]:
+        lo, hi = row["recall_ci"]
+        assert lo <= row["recall"] <= hi and row["score_ci"] is not None
+    again = _invoke(args[:-1] + ["--recall-only"])
+    assert "resuming: 3 of 3" in again.stderr
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "passkey", "--data", "x.jsonl"], "either --tasks"),
     (["--tasks", "nope"], "unknown task"),
     (["--policy", "full,lru"], "unknown policy"),
     (["--budget", "2.5"], "bad budget"),
+    (["--recall-only", "--query-aware"], "--recall-only"),
+    (["--policy", "full,namm2"], "--namm2 DIR"),
 ])
 def test_eval_rejects_bad_arguments(tmp_path, args, message):
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path), *args])

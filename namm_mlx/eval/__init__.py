@@ -1,13 +1,17 @@
 """Evaluation: synthetic long-context tasks from real texts, LongBench JSONL
-files, LongBench's metrics, every eviction policy at matched budgets, and an
-answer-likelihood score for cheap evolution fitness.
+files, LongBench's metrics, every eviction policy at fixed or matched budgets
+(query-agnostic by default: the document is compressed before the question),
+future-attention recall, bootstrap intervals, and an answer-likelihood score
+for cheap evolution fitness.
 
 Entry points: ``namm eval`` (``cli/commands/eval.py``), :func:`run_eval`,
 :func:`make_items`, :func:`load_jsonl`, :func:`score_prediction`,
+:func:`split_prompt`, :func:`bootstrap_interval`,
 :func:`answer_logprob` / :func:`answer_logprobs`.
 """
 
 from ..prefill import prefill
+from .bootstrap import bootstrap_interval
 from .likelihood import LogProb, answer_logprob, answer_logprobs, full_cache_factory, reference_answer
 from .longbench import DataFileError, load_jsonl
 from .metrics import (
@@ -31,10 +35,13 @@ from .metrics import (
     substring_match,
 )
 from .prompts import middle_truncate, prompt_tokens
+from .query_agnostic import QueryAgnosticError, SplitPrompt, read_document, split_prompt
 from .runner import (
+    PROTOCOLS,
     Budget,
     EvalError,
     PolicyRun,
+    document_budget,
     effective_budget,
     format_table,
     matched_budgets,
@@ -50,6 +57,9 @@ from .tasks import DEFAULT_DEPTHS, TASK_NAMES, TaskError, TextSource, make_item,
 
 __all__ = [
     "Budget",
+    "PROTOCOLS",
+    "QueryAgnosticError",
+    "SplitPrompt",
     "DATASET2MAXLEN",
     "DATASET2METRIC",
     "DEFAULT_DEPTHS",
@@ -63,9 +73,11 @@ __all__ = [
     "TextSource",
     "answer_logprob",
     "answer_logprobs",
+    "bootstrap_interval",
     "classification_score",
     "code_sim_score",
     "count_score",
+    "document_budget",
     "effective_budget",
     "format_table",
     "full_cache_factory",
@@ -85,6 +97,7 @@ __all__ = [
     "prompt_tokens",
     "qa_f1_score",
     "qa_f1_zh_score",
+    "read_document",
     "read_predictions",
     "reference_answer",
     "retrieval_score",
@@ -93,6 +106,7 @@ __all__ = [
     "rouge_zh_score",
     "run_eval",
     "score_prediction",
+    "split_prompt",
     "substring_match",
     "summarize",
     "write_results",

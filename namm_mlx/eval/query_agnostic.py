@@ -12,14 +12,16 @@ document part is cut to a multiple of the NAMM's hop (16 tokens; the few tokens
 cut off go to the question side) so that a final eviction step can run at its
 very end: :func:`read_document` prefills it in 512-aligned chunks with the
 policy's caches, evicting every 512 tokens, and then runs that one step, so the
-question meets a cache already within its budget.
+question meets a cache already within its budget. :func:`replay_document`
+gets a policy's kept sets from a full-cache recording instead, without the
+model (for recall-only evaluation of many items).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -27,6 +29,9 @@ import numpy as np
 from ..cache import EvictingKVCache, evict_now
 from ..prefill import prefill
 from .prompts import _add_bos, document_and_question, encode, middle_truncate, user_text, wrap_chat
+
+if TYPE_CHECKING:
+    from .recall import KeptSnapshot
 
 #: The document part is a multiple of this many tokens (the NAMM's STFT hop:
 #: a NAMM step needs a whole number of hops of new tokens).
@@ -173,3 +178,36 @@ def document_kept_fraction(caches: Sequence[Any]) -> float:
         if isinstance(cache, EvictingKVCache):
             kept, seen = kept + cache.length, seen + cache.offset
     return kept / seen if seen else 1.0
+
+
+def replay_document(
+    recorded: Sequence[EvictingKVCache], scorer: Any, document_length: int, max_kv_size: int | None = None, step: int = 512
+) -> tuple[list[KeptSnapshot], list[EvictingKVCache]]:
+    """A policy's kept sets over the document, from a full-cache recording
+    instead of a prefill through the model (:func:`namm_mlx.recording.replay`).
+
+    Fresh caches under ``scorer`` and ``max_kv_size`` are fed the recorded
+    keys, values and queries of the document in ``step``-aligned blocks (steps
+    fire where they would online), then the step at the document's end runs as
+    in :func:`read_document`. Returns the kept-position snapshots and the caches.
+    A policy that evicts nothing before the document's end (full, one-shot)
+    gets exactly its online kept set; an online one gets kvpress's one-shot
+    approximation after its first step (later tokens' keys and queries come
+    from the full cache, not from the evicted one).
+    """
+    from ..recording import recorded_layers, replay
+    from .recall import snapshot
+
+    trace: list[KeptSnapshot] = []
+
+    def after_block(caches: list[EvictingKVCache]) -> None:
+        if all(c.n_new == 0 for c in caches):
+            trace.append(snapshot(caches))
+
+    caches = replay(
+        recorded_layers(recorded), recorded[0].scale, lambda: EvictingKVCache(scorer, max_kv_size=max_kv_size),
+        upto=document_length, step=step, on_block=after_block,
+    )
+    if evict_now(caches) or not trace:
+        trace.append(snapshot(caches))
+    return trace, caches

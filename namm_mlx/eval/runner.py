@@ -16,7 +16,11 @@ One loop serves the synthetic tasks and LongBench JSONL files. Two protocols
   the baselines compress once, at the document's end, instead. Every (item,
   run) also gets its future-attention recall (:mod:`namm_mlx.eval.recall`),
   from one full-cache pass per item over document, question and teacher-forced
-  reference answer, shared by every policy; ``recall_only`` skips the answers.
+  reference answer, shared by every policy. ``recall_only`` skips the answers
+  and replays that recording through each policy's caches instead of running
+  the model per policy (:func:`replay_document`: exact for the full cache and
+  one-shot policies, kvpress's one-shot approximation for online ones), so
+  recall can cover many more items.
 * ``"aware"`` (``--query-aware``): today's one-shot question-aware mode. The
   whole prompt, question included, is prefilled before the answer. The NAMM
   runs online (aligned 512-token chunks, a step every 512 tokens); baselines
@@ -69,7 +73,14 @@ from ..prefill import prefill
 from .bootstrap import bootstrap_interval
 from .metrics import max_new_tokens, metric_name, score_prediction
 from .prompts import encode, prompt_tokens
-from .query_agnostic import SplitPrompt, document_kept_fraction, kept_digest, read_document, split_prompt
+from .query_agnostic import (
+    SplitPrompt,
+    document_kept_fraction,
+    kept_digest,
+    read_document,
+    replay_document,
+    split_prompt,
+)
 
 #: Policies scored by a NAMM: the shipped (or ``--namm``) one and a second one.
 NAMM_POLICIES = ("namm", "namm2")
@@ -295,13 +306,18 @@ def item_hash(item: Mapping[str, Any]) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
 
 
-def _schedule(policy: str, baseline_eviction: str, protocol: str = "agnostic") -> str:
-    """What a pair's result depends on besides item, policy, budget and protocol."""
+def _schedule(policy: str, baseline_eviction: str, protocol: str = "agnostic", recall_only: bool = False) -> str:
+    """What a pair's result depends on besides item, policy, budget and protocol.
+
+    Recall-only runs replay a recording (:func:`replay_document`): exact for the
+    full cache and one-shot policies (same key as their scored runs), an
+    approximation for online ones (their own schedule, ``"replay"``)."""
     if policy == "full":
         return "full"
     if protocol == "aware":
         return "-" if policy in NAMM_POLICIES else ("prompt" if is_one_shot(policy, baseline_eviction) else "online")
-    return "online" if policy in NAMM_POLICIES else baseline_eviction
+    schedule = "online" if policy in NAMM_POLICIES else baseline_eviction
+    return "replay" if recall_only and schedule == "online" else schedule
 
 
 def pair_key(
@@ -309,6 +325,7 @@ def pair_key(
     run: PolicyRun | None = None,
     baseline_eviction: str = "online",
     protocol: str = "agnostic",
+    recall_only: bool = False,
 ) -> tuple[str, str, str, str, str, str]:
     """``(_id, item_hash, policy, budget label, schedule, protocol)`` of a record,
     or of an item and a run. Records written before schedules existed were
@@ -317,9 +334,8 @@ def pair_key(
     if run is None:
         schedule = r.get("eviction") or _schedule(r["policy"], "online", "aware")
         return (str(r["_id"]), r["item_hash"], r["policy"], r["budget"], schedule, r.get("protocol") or "aware")
-    return (
-        str(r["_id"]), item_hash(r), run.policy, run.budget_label, _schedule(run.policy, baseline_eviction, protocol), protocol
-    )
+    schedule = _schedule(run.policy, baseline_eviction, protocol, recall_only)
+    return (str(r["_id"]), item_hash(r), run.policy, run.budget_label, schedule, protocol)
 
 
 def read_predictions(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
@@ -364,7 +380,10 @@ def pending_pairs(
     record (no score) completes a pair only for a recall-only run."""
     done = {pair_key(r) for r in records if recall_only or r.get("score") is not None}
     return [
-        (run, item) for run in runs for item in items if pair_key(item, run, baseline_eviction, protocol) not in done
+        (run, item)
+        for run in runs
+        for item in items
+        if pair_key(item, run, baseline_eviction, protocol, recall_only) not in done
     ]
 
 
@@ -619,20 +638,65 @@ def _recall_fields(future: Any, trace: Sequence[Any] | None) -> dict[str, Any]:
     }
 
 
-def record_future(model: Any, tokenizer: Any, item: Mapping[str, Any], split: SplitPrompt, step: int = INTERVAL) -> Any:
+def record_future(
+    model: Any, tokenizer: Any, item: Mapping[str, Any], split: SplitPrompt, step: int = INTERVAL, keep: bool = False
+) -> tuple[Any, list[Any] | None]:
     """The full-cache future attention of an item (document, question, then the
-    teacher-forced reference answer), shared by every policy's recall. The model
-    must not be attached (the recording attaches and detaches its own scorer)."""
+    teacher-forced reference answer), shared by every policy's recall, and with
+    ``keep`` the recorded caches themselves (for :func:`replay_document`). The
+    model must not be attached (the recording attaches and detaches its own
+    scorer). ``(None, None)`` for an empty document."""
+    from ..recording import record_full_cache
     from .likelihood import reference_answer
-    from .recall import record_future_attention
+    from .recall import future_attention_from_caches
 
     if not split.document:
-        return None
+        return None, None
     try:
         answer = encode(tokenizer, reference_answer(item))
     except ValueError:
         answer = []
-    return record_future_attention(model, split.tokens + answer, len(split.document), step)
+    caches = record_full_cache(model, split.tokens + answer, step, split=len(split.document))
+    future = future_attention_from_caches(caches, len(split.document), step)
+    return future, (caches if keep else None)
+
+
+def evaluate_item_replayed(
+    item: Mapping[str, Any],
+    run: PolicyRun,
+    split: SplitPrompt,
+    recorded: Sequence[Any],
+    future: Any,
+    scorer: Any,
+    *,
+    max_kv_size: int | None = None,
+    eviction: str = "replay",
+) -> dict[str, Any]:
+    """A recall-only record from a full-cache recording: the policy's kept sets
+    come from :func:`replay_document` (no model forward), so recall costs the
+    policy's steps only. No answer, so no score."""
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    trace, caches = replay_document(recorded, scorer, len(split.document), max_kv_size, INTERVAL)
+    seconds = time.perf_counter() - start
+    out = {
+        "document_tokens": len(split.document),
+        "question_tokens": len(split.question),
+        "prompt_tokens": len(split.document) + len(split.question),
+        "kept_fraction": document_kept_fraction(caches),
+        "kept_digest": kept_digest(caches),
+        "document_seconds": round(seconds, 4),
+        **_recall_fields(future, trace),
+        "prediction": None,
+        "generated_tokens": 0,
+        "decode_tps": 0.0,
+        "kv_cache_mb": cache_stats(caches)["kv_cache_mb"],
+        "prefill_seconds": round(seconds, 4),
+        "prefill_tps": round(len(split.document) / seconds, 2) if seconds > 0 else 0.0,
+        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
+    }
+    del caches
+    return _record(item, run, out, None, max_kv_size, split.truncated, eviction, "agnostic")
 
 
 def evaluate_item_agnostic(
@@ -646,7 +710,6 @@ def evaluate_item_agnostic(
     max_kv_size: int | None = None,
     eviction: str = "online",
     future: Any = None,
-    recall_only: bool = False,
     prefill_step_size: int = INTERVAL,
 ) -> dict[str, Any]:
     """One query-agnostic prediction record (the model must already be attached
@@ -654,9 +717,9 @@ def evaluate_item_agnostic(
 
     The document part is read and compressed first (:func:`read_document`),
     the kept set and its recall against ``future`` are recorded, then the
-    question part is fed and the answer generated greedily (skipped with
-    ``recall_only``). ``kept_fraction`` is the share of the document kept at its
-    end; ``prompt_kept_fraction`` the share of the prompt kept before the answer.
+    question part is fed and the answer generated greedily. ``kept_fraction``
+    is the share of the document kept at its end; ``prompt_kept_fraction`` the
+    share of the prompt kept before the answer.
     """
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -674,23 +737,18 @@ def evaluate_item_agnostic(
         "document_seconds": round(document_seconds, 4),
         **_recall_fields(future, trace),
     }
-    if recall_only:
-        out.update(prediction=None, generated_tokens=0, decode_tps=0.0, kv_cache_mb=cache_stats(caches)["kv_cache_mb"],
-                   prefill_seconds=round(document_seconds, 4),
-                   prefill_tps=round(len(split.document) / document_seconds, 2) if document_seconds > 0 else 0.0)
-    else:
-        start = time.perf_counter()
-        prefill(model, caches, split.question[:-1], prefill_step_size)
-        seconds = document_seconds + time.perf_counter() - start
-        stats = cache_stats(caches)
-        out.update(
-            prompt_kept_fraction=stats["kept_fraction"],
-            step_kept_fraction=stats["step_kept_fraction"],
-            kv_cache_mb=stats["kv_cache_mb"],
-            prefill_seconds=round(seconds, 4),
-            prefill_tps=round((out["prompt_tokens"] - 1) / seconds, 2) if seconds > 0 else 0.0,
-            **_decode(model, tokenizer, split.question[-1:], caches, limit, prefill_step_size),
-        )
+    start = time.perf_counter()
+    prefill(model, caches, split.question[:-1], prefill_step_size)
+    seconds = document_seconds + time.perf_counter() - start
+    stats = cache_stats(caches)
+    out.update(
+        prompt_kept_fraction=stats["kept_fraction"],
+        step_kept_fraction=stats["step_kept_fraction"],
+        kv_cache_mb=stats["kv_cache_mb"],
+        prefill_seconds=round(seconds, 4),
+        prefill_tps=round((out["prompt_tokens"] - 1) / seconds, 2) if seconds > 0 else 0.0,
+        **_decode(model, tokenizer, split.question[-1:], caches, limit, prefill_step_size),
+    )
     out["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 4)
     del caches
     mx.clear_cache()
@@ -951,8 +1009,8 @@ def run_eval(
     baseline_eviction: ``"online"`` (every 512 tokens) or ``"prompt"`` (once,
     after the document or, question-aware, after the prompt, sharing one
     prefill per item with the full cache). recall: measure each pair's
-    future-attention recall (query-agnostic only); recall_only: and skip the
-    answers. Returns the results dict also written to ``out_dir/results.json``;
+    future-attention recall (query-agnostic only); recall_only: only recall,
+    from a replay of each item's full-cache recording (no answers). Returns the results dict also written to ``out_dir/results.json``;
     ``out_dir/score_vs_kept.png`` is drawn from it.
     """
     from ..integration import as_scorer, attach, detach
@@ -995,7 +1053,7 @@ def run_eval(
         return _item_weight(item) / (per_item[id(item)] if shared and run.policy not in NAMM_POLICIES else 1)
 
     bar = Progress([weight(r, i) for r, i in todo], stream=stream, enabled=progress)
-    plan_keys = {pair_key(i, r, baseline_eviction, protocol) for r in runs for i in items}
+    plan_keys = {pair_key(i, r, baseline_eviction, protocol, recall_only) for r in runs for i in items}
     options = dict(context_limit=context_limit, max_tokens=max_tokens, templates=templates, prefill_step_size=prefill_step_size)
     matched_cache: dict[str, dict[str, float]] = {}
 
@@ -1090,8 +1148,9 @@ def _agnostic_loop(
     prefill_step_size: int,
 ) -> None:
     """The query-agnostic pairs, item by item: one split prompt and one full-cache
-    recording per item serve all of its runs. With matched budgets the NAMM's
-    own runs go first over every item (a matched budget is a mean over items)."""
+    recording per item serve all of its runs (recall-only runs replay it instead
+    of running the model). With matched budgets the NAMM's own runs go first over
+    every item (a matched budget is a mean over items)."""
     from ..integration import attach, detach
 
     first = [(r, i) for r, i in todo if r.policy == "namm" and r.budget is None]
@@ -1107,7 +1166,7 @@ def _agnostic_loop(
             limit = max_tokens or max_new_tokens(dataset)
             split = split_prompt(tokenizer, item, context_limit - limit if context_limit else None, templates)
             bar.show(f"{item['_id']} full-cache attention")
-            future = record_future(model, tokenizer, item, split) if recall else None
+            future, recorded = record_future(model, tokenizer, item, split, keep=recall_only) if recall else (None, None)
             for run in item_runs:
                 needs_match = run.budget is not None and run.budget.match
                 max_kv_size = document_budget(
@@ -1118,18 +1177,26 @@ def _agnostic_loop(
                     run.policy, namm_scorers.get(run.policy), seed,
                     one_shot=one_shot, ranked=run.budget is not None, interval=INTERVAL,
                 )
-                attach(model, scorer, max_kv_size=max_kv_size)
-                try:
-                    bar.show(f"{item['_id']} {run.label}")
-                    record = evaluate_item_agnostic(
-                        model, tokenizer, item, run, split, limit,
-                        max_kv_size=max_kv_size, eviction=_schedule(run.policy, baseline_eviction, "agnostic"),
-                        future=future, recall_only=recall_only, prefill_step_size=prefill_step_size,
+                eviction = _schedule(run.policy, baseline_eviction, "agnostic", recall_only)
+                bar.show(f"{item['_id']} {run.label}")
+                if recall_only:
+                    if recorded is None:
+                        raise EvalError(f"item {item['_id']} has an empty document: nothing to measure recall on")
+                    record = evaluate_item_replayed(
+                        item, run, split, recorded, future, scorer, max_kv_size=max_kv_size, eviction=eviction
                     )
-                finally:
-                    detach(model)
+                else:
+                    attach(model, scorer, max_kv_size=max_kv_size)
+                    try:
+                        record = evaluate_item_agnostic(
+                            model, tokenizer, item, run, split, limit, max_kv_size=max_kv_size, eviction=eviction,
+                            future=future, prefill_step_size=prefill_step_size,
+                        )
+                    finally:
+                        detach(model)
                 emit(record, item, run)
-            del future
+            del future, recorded
+            mx.clear_cache()
 
 
 def write_results(
@@ -1146,7 +1213,7 @@ def write_results(
     from .plot import POLICY_COLORS, plot_score_vs_kept
 
     out = Path(out_dir)
-    plan_keys = {pair_key(i, r, baseline_eviction, protocol) for r in runs for i in items}
+    plan_keys = {pair_key(i, r, baseline_eviction, protocol, recall_only) for r in runs for i in items}
     records = latest_records(r for r in read_predictions(out / PREDICTIONS) if pair_key(r) in plan_keys)
     done = sum(1 for r in records if recall_only or r.get("score") is not None)
     summary = summarize(records, runs)
