@@ -99,3 +99,18 @@ def test_replay_fitness_agrees_with_the_online_likelihood(fitness):
     # the bias is bounded, not zero.
     assert online["quality"] - 0.05 <= replayed["quality"] <= online["quality"] + 0.5
     assert replay.evaluate(member, items) == replayed, "deterministic, recordings reused"
+
+
+def test_a_fixed_budget_makes_every_member_keep_the_same_share(fitness):
+    options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1",
+               "tasks": "passkey", "budget": "0.5"}
+    budgeted = make_fitness("replay", 4172, options=options)
+    budgeted.norm = fitness.norm if fitness.norm is not None else fitness.calibrate()
+    items = budgeted.items_for(1)
+    rng = np.random.default_rng(1)
+    results = [budgeted.evaluate(rng.normal(0, 0.065, 4172), items) for _ in range(2)]
+    results.append(budgeted.evaluate(np.zeros(4172), items))  # would keep everything under its threshold
+    kept = {round(r["kept_fraction"], 6) for r in results}
+    assert len(kept) == 1 and kept.pop() < 0.75, results
+    # the members differ only in which tokens they keep
+    assert results[0]["quality"] != results[1]["quality"]

@@ -54,11 +54,14 @@ class GenerationFitness(HarnessFitness):
 
     def evaluate(self, vector: np.ndarray, items: list[dict]) -> dict[str, float]:
         """Task-score ratio to the full cache, and kept fraction, of one parameter vector."""
-        namm = self.namm_for(vector)
+        scorer = self.scorer_for(vector)
         full = {item["_id"]: self.full_score(item) for item in items}
-        attach(self.model, namm, probe=False)
+        results = []
         try:
-            results = [(item, self.run_item(item)) for item in items]
+            for item in items:
+                size = self.max_kv_size(len(prepare_prompt(self.tokenizer, item, None, self.max_tokens, None)[0]))
+                attach(self.model, scorer, max_kv_size=size, probe=False)
+                results.append((item, self.run_item(item)))
         finally:
             detach(self.model)
         by_task: dict[str, tuple[list[float], list[float]]] = {}
@@ -84,7 +87,7 @@ def generation_fitness(
 
     Options (``--fitness-arg KEY=VALUE``): those of the likelihood fitness
     (``tasks``, ``length``, ``pool``, ``items``, ``memory_penalty``,
-    ``calibration_items``, ``data_seed``, ``text``) and ``max_tokens`` (answer
+    ``calibration_items``, ``data_seed``, ``text``, ``budget``) and ``max_tokens`` (answer
     length; default: the task's own, e.g. 32 for needles).
     """
     return build_harness_fitness(GenerationFitness, "generation", n, model, options, extra={"max_tokens": ""})

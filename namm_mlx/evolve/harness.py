@@ -13,6 +13,7 @@ token is kept), and the option parsing of their factories.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Mapping
 
@@ -34,6 +35,7 @@ DEFAULTS = {
     "memory_penalty": "0.25",
     "calibration_items": "4",
     "data_seed": "1234",
+    "budget": "",
 }
 
 
@@ -74,6 +76,7 @@ class HarnessFitness:
         self.per_generation = options["items"]
         self.memory_penalty = options["memory_penalty"]
         self.data_seed = options["data_seed"]
+        self.budget: float | None = options.get("budget")
         self.config = NAMMConfig()
         self.norm: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -97,6 +100,20 @@ class HarnessFitness:
             raise FitnessError("calibration ran no NAMM step: use items of at least 512 tokens")
         self.norm = scorer.statistics()
         return self.norm
+
+    def max_kv_size(self, prompt_tokens: int) -> int | None:
+        """The fixed budget in tokens per layer for a prompt (None: the NAMM's
+        threshold decides): ``budget`` is a share of the prompt when <= 1,
+        else a token count."""
+        if self.budget is None:
+            return None
+        if self.budget <= 1.0:
+            return max(1, math.ceil(self.budget * prompt_tokens))
+        return int(self.budget)
+
+    def scorer_for(self, vector: np.ndarray) -> NAMMScorer:
+        """The member's scorer: ranked by score under a fixed budget, else thresholded."""
+        return NAMMScorer(self.namm_for(vector), ranked=self.budget is not None)
 
     def namm_for(self, vector: np.ndarray) -> NAMM:
         """The member's NAMM, with the calibrated statistics (calibrating first if needed)."""
@@ -144,6 +161,7 @@ def build_harness_fitness(
         "calibration_items": _int_option(opts, "calibration_items", 4),
         "data_seed": _int_option(opts, "data_seed", 1234),
         "memory_penalty": _float_option(opts, "memory_penalty", 0.25, positive=False),
+        "budget": _float_option(opts, "budget", 0.0, positive=True) if opts.get("budget") else None,
         "extra": {k: opts[k] for k in (extra or {})},
     }
     if n != NAMMConfig().param_size:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..cache import EvictingKVCache
 from ..eval.likelihood import answer_logprob, full_cache_factory
+from ..eval.prompts import prompt_tokens
 from ..integration import attach, detach
 from .harness import DEFAULTS, CalibratingScorer, HarnessFitness, build_harness_fitness
 
@@ -45,17 +46,18 @@ class LikelihoodFitness(HarnessFitness):
 
     def evaluate(self, vector: np.ndarray, items: list[dict]) -> dict[str, float]:
         """Relative answer likelihood and kept fraction of one parameter vector."""
-        namm = self.namm_for(vector)
+        scorer = self.scorer_for(vector)
         caches: list[list[Any]] = []
 
         def make_cache() -> list[Any]:
             caches.append(self.model.make_cache())
             return caches[-1]
 
-        attach(self.model, namm, probe=False)
         ratios, kept = [], []
         try:
             for item in items:
+                size = self.max_kv_size(len(prompt_tokens(self.tokenizer, item)[0]))
+                attach(self.model, scorer, max_kv_size=size, probe=False)
                 evicted = self.run_item(item, make_cache)
                 ratios.append(math.exp(min(evicted.mean - self.full_logprob(item).mean, 50.0)))
                 layers = [c for c in caches[-1] if isinstance(c, EvictingKVCache)]

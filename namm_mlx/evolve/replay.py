@@ -75,9 +75,12 @@ def record(model: Any, tokenizer: Any, item: Mapping[str, Any], step: int = 512)
     return Recording(recorded_layers(caches), caches[0].scale, [prompt[-1], *target[:-1]], target)
 
 
-def replay_caches(recording: Recording, scorer: Any, step: int = 512) -> list[EvictingKVCache]:
-    """Fresh caches under ``scorer`` fed the recording (see :func:`namm_mlx.recording.replay`)."""
-    return replay(recording.layers, recording.scale, lambda: EvictingKVCache(scorer), step=step)
+def replay_caches(
+    recording: Recording, scorer: Any, step: int = 512, max_kv_size: int | None = None
+) -> list[EvictingKVCache]:
+    """Fresh caches under ``scorer`` (and budget) fed the recording (see
+    :func:`namm_mlx.recording.replay`)."""
+    return replay(recording.layers, recording.scale, lambda: EvictingKVCache(scorer, max_kv_size=max_kv_size), step=step)
 
 
 def answer_logprob_replayed(model: Any, recording: Recording, caches: list[Any]) -> LogProb:
@@ -119,11 +122,11 @@ class ReplayFitness(LikelihoodFitness):
 
     def evaluate(self, vector: np.ndarray, items: list[dict]) -> dict[str, float]:
         """Relative answer likelihood and kept fraction of one parameter vector, replayed."""
-        scorer = NAMMScorer(self.namm_for(vector))
+        scorer = self.scorer_for(vector)
         ratios, kept = [], []
         for item in items:
             rec = self.recording(item)
-            caches = replay_caches(rec, scorer)
+            caches = replay_caches(rec, scorer, max_kv_size=self.max_kv_size(rec.length))
             evicted = answer_logprob_replayed(self.model, rec, caches)
             ratios.append(math.exp(min(evicted.mean - self.full_logprob(item).mean, 50.0)))
             kept.append(float(np.mean([c.length / c.offset for c in caches])))
