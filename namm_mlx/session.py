@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import stat
@@ -29,6 +30,12 @@ from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_promp
 
 from .cache import EvictingKVCache
 from .prefill import prefill
+
+# Documents are tokenised whole before they are measured against the model's
+# context (and stretched or refused with both numbers); transformers' warning
+# that the sequence is "longer than the specified maximum" would be a second,
+# misleading line.
+logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 DOCUMENT_TEMPLATE = "Read the following document and answer questions about it.\n\n{document}\n\n{question}"
 _SENTINEL = "\ue000QUESTION\ue000"

@@ -397,7 +397,7 @@ def test_chat_survives_a_failed_save(tmp_path, doc):
     result = run_namm("chat", "--doc", doc, "--max-tokens", "12", stdin=questions + "\n")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = [line.split("error:", 1)[1] for line in result.stderr.splitlines() if "error: not saved:" in line]
     assert len(errors) == 2 and "does not exist" in errors[0] and ".safetensors" in errors[1], errors
     assert result.stdout.strip(), "the question after the failed /save got no answer"
     assert "[turn:" in result.stderr  # the answer was generated after the failures
