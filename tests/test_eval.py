@@ -747,6 +747,22 @@ def test_budgets_and_plans_of_the_query_agnostic_protocol():
     assert runner.document_budget(PolicyRun("h2o", Budget(match="namm")), "needle", 2000, table, 2048) == 800
 
 
+def test_match_namm_under_the_query_agnostic_protocol(tmp_path, tokenizer, wide_tiny_model):
+    """--match namm: the NAMM's own threshold run goes first over every item; the
+    baseline then keeps that share of each document as a fixed token budget."""
+    items = _qa_items(["What colour is the door of room 0?", "Which room has 9 windows?"])
+    runs = plan_runs(["h2o"], [], match="namm", budget_namm=True)
+    assert [r.label for r in runs] == ["namm", "h2o@match:namm"]
+    results = runner.run_eval(wide_tiny_model, tokenizer, items, runs, tmp_path, namm=_random_namm(scale=0.05),
+                              recall_only=True, progress=False, log=lambda m: None)
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    assert [r["policy"] for r in records] == ["namm", "namm", "h2o", "h2o"]  # the NAMM over every item first
+    share = sum(r["kept_fraction"] for r in records[:2]) / 2
+    assert 0 < share < 1 and results["matched_budgets"]["needle@1024"]["kept_fraction"] == pytest.approx(share)
+    for r in records[2:]:
+        assert r["max_kv_size"] == math.ceil(share * r["document_tokens"]) and r["eviction"] == "replay"
+
+
 # --------------------------------------------------------------------------- bootstrap
 
 

@@ -67,7 +67,10 @@ def eval_command(
         help="budgets: fractions of the document (0.25,0.5: ceil(f x document tokens) per layer; with --query-aware, "
         "a cap on the share of tokens seen) and/or tokens per layer (1024); default 0.5 unless --match",
     ),
-    match: Optional[str] = typer.Option(None, "--match", help="'namm': also run each baseline at the NAMM's mean kept fraction per task and length"),
+    match: Optional[str] = typer.Option(
+        None, "--match",
+        help="'namm': also run the NAMM at its own threshold and each baseline at the NAMM's mean kept fraction per task and length",
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per task and length (default 5); with --data, the first N per dataset"),
     lengths: str = typer.Option("2048,4096", "--lengths", help="synthetic prompt lengths in tokens"),
     depths: Optional[str] = typer.Option(None, "--depths", help="needle depths in [0,1] cycled over items (default 0.1,0.5,0.9,0.3,0.7)"),
