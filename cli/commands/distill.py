@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cli import errors
 from cli.main import app
+from namm_mlx.data import DataError
 from namm_mlx.distill import DistillOptions, ItemRecord, fit_namm, record_item
 from namm_mlx.distill.fit import LOSSES, TARGETS
 from namm_mlx.eval.tasks import TASK_NAMES, TaskError
@@ -29,7 +30,7 @@ class DistillError(ValueError):
     """Distillation cannot run as asked; the message says why."""
 
 
-errors.register(DistillError, TaskError)
+errors.register(DistillError, TaskError, DataError)
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -64,7 +65,12 @@ def distill(
     tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", help="Training document tasks (comma-separated)."),
     lengths: str = typer.Option("2048,3072", "--lengths", help="Document lengths in tokens (comma-separated)."),
     items: int = typer.Option(2, "--items", min=1, help="Documents per task and length."),
-    seed: int = typer.Option(1000, "--seed", min=1, help="Seed of the training documents (namm eval uses 0)."),
+    seed: int = typer.Option(1000, "--seed", help="Seed of the training documents (namm eval uses 0)."),
+    text: Optional[List[Path]] = typer.Option(
+        None, "--text", metavar="FILE",
+        help="Text file(s) to build documents from (repeatable; default: the texts of namm data fetch).",
+        show_default=False,
+    ),
     layer_stride: int = typer.Option(2, "--layer-stride", min=1, help="Record every K-th layer."),
     records: Optional[Path] = typer.Option(
         None, "--records", metavar="DIR",
@@ -102,7 +108,7 @@ def distill(
         except ValueError as err:
             raise DistillError(str(err)) from None
         folder = records or out.with_name(out.name + "-records")
-        recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder)
+        recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder, text)
         with _progress() as bar:
             task = bar.add_task("fitting", total=options.steps, info="")
             namm = fit_namm(
@@ -122,7 +128,7 @@ def distill(
         print(f"wrote {out}: distilled from {len(recorded)} documents ({target} target, {loss}, {steps} steps)")
 
 
-def _record(model, tasks, lengths, n, seed, stride, folder: Path) -> list[ItemRecord]:
+def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts) -> list[ItemRecord]:
     """Record every training document not already in ``folder``."""
     from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.models import load_model
@@ -130,7 +136,7 @@ def _record(model, tasks, lengths, n, seed, stride, folder: Path) -> list[ItemRe
     folder.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = load_model(model, dtype="float32")
     layers = list(range(0, len(lm.layers), stride))
-    source = TextSource.from_cache()
+    source = TextSource.from_files(texts) if texts else TextSource.from_cache(kjv="kjv_verse" in tasks)
     wanted = make_items(tasks, lengths, n, seed, source, tokenizer)
     result = []
     with _progress() as bar:

@@ -1,0 +1,60 @@
+"""``namm distill`` end to end: a real process, the real default model, a NAMM folder that loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from namm_mlx.namm import NAMM
+
+TEXT = Path(__file__).parent / "data" / "pride_and_prejudice.txt"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _namm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_distill_writes_a_namm_with_its_provenance_and_reuses_recordings(tmp_path):
+    args = ["distill", "--out", str(tmp_path / "d"), "--text", str(TEXT), "--tasks", "passkey", "--lengths", "700",
+            "--items", "1", "--steps", "3", "--window", "256", "--layer-stride", "15", "--keep", "0.4"]
+    first = _namm(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    namm = NAMM.load(tmp_path / "d")
+    provenance = json.loads((tmp_path / "d" / "namm_config.json").read_text())["provenance"]
+    assert provenance["method"] == "distilled"
+    data = json.loads(provenance["distill_data"])
+    assert data["documents"] == ["passkey-700-000-s1000"] and data["seed"] == 1000
+    assert json.loads(provenance["distill_options"])["steps"] == 3
+    assert namm.to_flat().shape == (4172,)
+    records = list((tmp_path / "d-records").glob("*.npz"))
+    assert len(records) == 1
+    stamp = records[0].stat().st_mtime_ns
+    again = _namm(*args[:3], str(tmp_path / "e"), *args[3:], "--records", str(tmp_path / "d-records"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert records[0].stat().st_mtime_ns == stamp, "the recording is reused, not redone"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "0"], "seed 0"),
+        (["--tasks", "nope"], "unknown task"),
+        (["--target", "bogus"], "target must be"),
+        (["--lengths", "a,b"], "--lengths"),
+    ],
+)
+def test_bad_options_are_one_line(tmp_path, args, message):
+    result = _namm("distill", "--out", str(tmp_path / "d"), "--text", str(TEXT), *args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
