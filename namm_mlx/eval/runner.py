@@ -1010,7 +1010,8 @@ def run_eval(
     after the document or, question-aware, after the prompt, sharing one
     prefill per item with the full cache). recall: measure each pair's
     future-attention recall (query-agnostic only); recall_only: only recall,
-    from a replay of each item's full-cache recording (no answers). Returns the results dict also written to ``out_dir/results.json``;
+    from a replay of each item's full-cache recording (no answers). Returns
+    the results dict also written to ``out_dir/results.json``;
     ``out_dir/score_vs_kept.png`` is drawn from it.
     """
     from ..integration import as_scorer, attach, detach
@@ -1227,6 +1228,11 @@ def write_results(
             f"score = 100 x mean item score (LongBench); kept = mean kept fraction {kept}; "
             "recall = future-attention recall (mean over eviction steps); *_ci = 95% percentile bootstrap over items "
             "(2000 resamples, seed 0; stratified by task in 'overall')"
+        ),
+        "budgets": (
+            "a fraction f keeps at most ceil(f x document tokens) tokens per layer after every step; kvN keeps N"
+            if protocol == "agnostic"
+            else "a fraction f keeps at most f x the tokens seen so far after every step; kvN keeps N tokens per layer"
         ),
         **summary,
         "matched_budgets": matched_budgets(records) if any(r.budget and r.budget.match for r in runs) else None,
