@@ -1,15 +1,24 @@
-"""Cost of one NAMM step relative to the attention it rides on.
+"""What one NAMM step costs, part by part, next to the forward it follows.
 
-Prints, for each shape, the time of one NAMM step (token features + BAM +
-selection + state gather, given GQA-averaged attention probabilities and a
-carried state) divided by the time of one ``mx.fast.scaled_dot_product_attention``
-call of the same layer (512 new queries against the whole cache). Both are
-measured in the same run, so the ratio survives a noisy machine. A NAMM step
-happens once per 512 tokens, so the amortised per-token overhead is the ratio
-divided by the number of forward passes in that block (1 for a 512-token
-prefill chunk, 512 during decoding).
+For SmolLM2-135M-Instruct (the embedded default, float32) with ``N`` kept
+tokens in every layer (2k, 4k, 8k, 16k), measures in one run:
 
-Run:  python benchmarks/namm_step.py [--repeats 3] [--quick]
+* the forward of the 512 tokens that complete the block (stock ``KVCache``,
+  fused attention; logits are not evaluated, as in mlx-lm's prefill), = 1.00;
+* the step's parts summed over the 30 layers, as ratios to that forward:
+  probabilities (taken from the forward: the explicit attention's extra cost
+  over the fused kernel; and, for comparison, recomputed from buffered
+  queries as decoding steps do), features (STFT, EMA, normalisation,
+  recency), BAM, selection/gather (kept count, per-head top-k, gather of
+  K/V and carried state);
+* end to end: the same forward on NAMM caches in which the step falls, over
+  the plain forward; the step's transient memory (peak over what was live
+  before it) next to the bytes the step frees.
+
+Timings alternate between the variants and report medians, so the ratios
+survive a noisy machine.
+
+Run:  python benchmarks/namm_step.py [--sizes 2048,4096,8192,16384] [--repeats 3] [--quick]
 (on Linux, preload OpenBLAS as the README says, or matmuls are ~30x slower).
 """
 
@@ -21,110 +30,179 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache
 
-from namm_mlx import NAMM, NAMMConfig, TokenState
-from namm_mlx.features import gqa_mean
+import namm_mlx
+from namm_mlx import NAMM, EvictingKVCache, TokenState
+from namm_mlx.attention import attention_probabilities, attention_with_probabilities
+from namm_mlx.bam import bam_scores
+from namm_mlx.hook import install_hook
+from namm_mlx.integration import DEFAULT_NAMM_DIR
+from namm_mlx.models import load_model
+from namm_mlx.selection import gather_tokens, protect_newest, shared_keep_count, top_k_in_order
+
+BLOCK = 512
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` (which must evaluate its own outputs)."""
-    fn()  # warm-up: compiles kernels, grows the recency table
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function; one warm-up each, then rounds that
+    alternate between them (each must evaluate its own outputs)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def random_namm(config: NAMMConfig, seed: int = 0) -> NAMM:
-    rng = np.random.default_rng(seed)
-    return NAMM.from_flat(
-        rng.normal(0, 0.5, config.param_size).astype(np.float32),
-        rng.uniform(0.0, 0.05, config.n_bins),
-        rng.uniform(1e-4, 1e-3, config.n_bins),
-        config,
-    )
+class Shapes:
+    """Random per-layer inputs with ``n_cached`` slots (the last 512 new)."""
+
+    def __init__(self, model, n_cached: int, seed: int = 0) -> None:
+        args = model.args
+        self.layers = args.num_hidden_layers
+        self.q_heads, self.kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        self.n_cached, self.n_old = n_cached, n_cached - BLOCK
+        mx.random.seed(seed)
+        shape = (1, self.kv_heads, self.n_old, self.head_dim)
+        self.old_keys = [mx.random.normal(shape) for _ in range(self.layers)]
+        self.old_values = [mx.random.normal(shape) for _ in range(self.layers)]
+        # A document 3x longer than what is kept; kept positions ascending.
+        self.offset = BLOCK * max(2, (3 * self.n_old) // BLOCK)
+        rng = np.random.default_rng(seed)
+        picks = np.sort(rng.choice(self.offset - 1, size=(self.kv_heads, self.n_old - 1), replace=False), axis=-1)
+        picks = np.concatenate([picks, np.full((self.kv_heads, 1), self.offset - 1)], axis=-1)
+        self.kept_positions = mx.array(picks[None].astype(np.int32))
+        self.tail = mx.random.uniform(shape=(1, self.kv_heads, self.n_old, 16)) * 0.01
+        self.ema = mx.random.uniform(shape=(1, self.kv_heads, self.n_old, 17)) * 0.05
+        self.queries = mx.random.normal((1, self.q_heads, BLOCK, self.head_dim))
+        self.keys = mx.random.normal((1, self.kv_heads, n_cached, self.head_dim))
+        self.values = mx.random.normal((1, self.kv_heads, n_cached, self.head_dim))
+        new = mx.broadcast_to(mx.arange(self.offset, self.offset + BLOCK, dtype=mx.int32), (1, self.kv_heads, BLOCK))
+        self.positions = mx.concatenate([self.kept_positions, new], axis=-1)
+        mx.eval(self.old_keys, self.old_values, self.kept_positions, self.tail, self.ema)
+        mx.eval(self.queries, self.keys, self.values, self.positions)
+
+    def full_caches(self) -> list[KVCache]:
+        caches = []
+        for k, v in zip(self.old_keys, self.old_values):
+            c = KVCache()
+            c.keys, c.values, c.offset = k, v, self.n_old
+            caches.append(c)
+        return caches
+
+    def namm_caches(self, scorer) -> list[EvictingKVCache]:
+        """Caches one block before a step: ``n_old`` kept slots, carried state."""
+        caches = []
+        for k, v in zip(self.old_keys, self.old_values):
+            c = EvictingKVCache(scorer)
+            c.keys, c.values, c.length, c.offset = k, v, self.n_old, self.offset
+            c.kept_positions, c.scorer_state = self.kept_positions, [self.tail, self.ema]
+            c.last_step_offset, c.steps = self.offset, 1
+            caches.append(c)
+        return caches
 
 
-def layer_inputs(kv_heads: int, q_heads: int, n_new: int, n_cached: int, head_dim: int, layers: int = 1):
-    """Random probabilities/state for ``layers`` stacked layers with ``n_cached`` slots."""
-    n_old = n_cached - n_new
-    logits = mx.random.normal((layers, 1, q_heads, n_new, n_cached))
-    causal = mx.arange(n_cached)[None, :] <= (n_old + mx.arange(n_new))[:, None]
-    probs = mx.softmax(mx.where(causal, logits * 3, -mx.inf), axis=-1)
-    attn = gqa_mean(probs, kv_heads, "bfloat16")
-    positions = mx.broadcast_to(mx.arange(n_cached, dtype=mx.int32), (layers, 1, kv_heads, n_cached))
-    carried = TokenState(
-        positions[..., :n_old],
-        mx.random.uniform(shape=(layers, 1, kv_heads, n_old, 16)) * 0.01,
-        mx.random.uniform(shape=(layers, 1, kv_heads, n_old, 17)) * 0.05,
-    )
-    q = mx.random.normal((1, q_heads, n_new, head_dim)).astype(mx.float32)
-    k = mx.random.normal((1, kv_heads, n_cached, head_dim)).astype(mx.float32)
-    v = mx.random.normal((1, kv_heads, n_cached, head_dim)).astype(mx.float32)
-    mx.eval(attn, carried.arrays(), q, k, v)
-    return attn, positions, carried, (q, k, v)
+def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, float]:
+    s = Shapes(model, n_cached)
+    scale = s.head_dim**-0.5
+    dtype = namm.config.attention_dtype
+    tokens = mx.array(np.random.default_rng(1).integers(0, 49152, (1, BLOCK)).astype(np.int32))
+    scorer = namm_mlx.integration.as_scorer(namm)
+    attn = attention_probabilities(s.queries, s.keys, scale, dtype=dtype)
+    carried = TokenState(s.kept_positions, s.tail, s.ema)
+    features = namm.token_features(attn, s.positions, carried)
+    scores = bam_scores(features.embedding, namm.weights, namm.config).scores
+    mx.eval(attn, features.embedding, scores)
+    layers = s.layers
 
+    def forward(caches):
+        model(tokens, cache=caches)  # logits stay lazy, as in mlx-lm's prefill
+        mx.eval([c.state for c in caches])
 
-def bench_shape(name: str, layers: int, q_heads: int, kv_heads: int, head_dim: int, n_cached: int, repeats: int):
-    config = NAMMConfig()
-    namm = random_namm(config)
-    n_new = config.update_interval
-    attn, positions, carried, (q, k, v) = layer_inputs(kv_heads, q_heads, n_new, n_cached, head_dim, layers)
-    keys = mx.random.normal((1, kv_heads, n_cached, head_dim))
-    mx.eval(keys)
+    def per_layer(fn):
+        def run():
+            for _ in range(layers):
+                mx.eval(fn())
+        return run
 
-    def sdpa_one_layer():
-        mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask="causal"))
+    def select_gather():
+        protected = protect_newest(scores)
+        keep = shared_keep_count(protected, namm.config.threshold)
+        kept = top_k_in_order(protected, keep)
+        return [gather_tokens(a, kept) for a in (s.keys, s.values, s.positions, features.attn_tail, features.ema)]
 
-    def recompute_probs_one_layer():
-        """What the cache adds to capture NAMM's input: softmax(QK^T) + GQA mean."""
-        scores = (q.reshape(1, kv_heads, q_heads // kv_heads, n_new, head_dim) * head_dim**-0.5) @ mx.swapaxes(
-            k[:, :, None], -1, -2
-        )
-        causal = mx.arange(n_cached)[None, :] <= (n_cached - n_new + mx.arange(n_new))[:, None]
-        probs = mx.softmax(mx.where(causal, scores, -mx.inf), axis=-1, precise=True)
-        mx.eval(probs.astype(mx.bfloat16).astype(mx.float32).mean(axis=2))
+    fns = {
+        "forward": lambda: forward(s.full_caches()),
+        "forward+step": lambda: forward(s.namm_caches(scorer)),
+        "fused": per_layer(
+            lambda: mx.fast.scaled_dot_product_attention(s.queries, s.keys, s.values, scale=scale, mask="causal")
+        ),
+        "explicit": per_layer(lambda: attention_with_probabilities(s.queries, s.keys, s.values, scale, dtype)),
+        "recompute": per_layer(lambda: attention_probabilities(s.queries, s.keys, scale, dtype=dtype)),
+        "features": per_layer(lambda: namm.token_features(attn, s.positions, carried).embedding),
+        "bam": per_layer(lambda: bam_scores(features.embedding, namm.weights, namm.config).scores),
+        "select": per_layer(select_gather),
+    }
+    t = median_times(fns, repeats)
+    fwd = t["forward"]
+    parts = {
+        "probabilities (from forward)": max(0.0, t["explicit"] - t["fused"]),
+        "probabilities (recomputed)": t["recompute"],
+        "features": t["features"],
+        "BAM": t["bam"],
+        "selection/gather": t["select"],
+    }
 
-    def namm_step_per_layer():
-        for layer in range(layers):
-            state = TokenState(*(a[layer] for a in carried.arrays()))
-            result = namm.step(attn[layer], positions[layer], state)
-            mx.eval(result.kept, result.state.arrays(), _gather(keys, result.kept))
+    # Memory: one forward on NAMM caches whose step falls in it, vs a plain one.
+    caches = s.namm_caches(scorer)
+    mx.clear_cache()
+    active = mx.get_active_memory()
+    mx.reset_peak_memory()
+    forward(caches)
+    peak = mx.get_peak_memory() - active
+    kept = int(np.mean([c.length for c in caches]))
+    per_token = caches[0].kv_nbytes // kept + s.kv_heads * 4 * (1 + 16 + 17)  # K/V + position, tail, EMA
+    freed = layers * (n_cached - kept) * per_token
+    full = s.full_caches()
+    mx.clear_cache()
+    active = mx.get_active_memory()
+    mx.reset_peak_memory()
+    forward(full)
+    full_peak = mx.get_peak_memory() - active
 
-    def namm_scores_stacked():
-        scores, state, *_ = namm.score(attn, positions, carried)
-        mx.eval(scores, state.arrays())
-
-    t_sdpa = timed(sdpa_one_layer, repeats)
-    t_probs = timed(recompute_probs_one_layer, repeats)
-    t_step = timed(namm_step_per_layer, repeats) / layers
-    print(f"\n{name}: {layers} layer(s), {q_heads}/{kv_heads} heads, head_dim {head_dim}, "
-          f"{n_new} new queries, {n_cached} cached tokens")
-    print(f"  sdpa (one layer)                 {t_sdpa * 1e3:9.2f} ms   = 1.00")
-    print(f"  NAMM step (one layer)            {t_step * 1e3:9.2f} ms   = {t_step / t_sdpa:5.2f} x sdpa")
-    print(f"  attention recompute (one layer)  {t_probs * 1e3:9.2f} ms   = {t_probs / t_sdpa:5.2f} x sdpa")
-    if layers > 1:
-        t_stacked = timed(namm_scores_stacked, repeats) / layers
-        print(f"  NAMM scores, layers stacked      {t_stacked * 1e3:9.2f} ms/layer = {t_stacked / t_sdpa:5.2f} x sdpa")
-    return t_step / t_sdpa
-
-
-def _gather(keys: mx.array, kept: mx.array) -> mx.array:
-    return mx.take_along_axis(keys, kept[..., None], axis=2)
+    print(f"\n{n_cached:,} cached tokens ({s.n_old:,} kept + {BLOCK} new) x {layers} layers; "
+          f"forward of {BLOCK} tokens {fwd:.2f} s = 1.00")  # fmt: skip
+    for name, seconds in parts.items():
+        print(f"  {name:30s} {seconds:8.3f} s  {seconds / fwd:6.3f} x forward")
+    step = sum(v for k, v in parts.items() if k != "probabilities (recomputed)")
+    print(f"  {'step (sum of the parts above)':30s} {step:8.3f} s  {step / fwd:6.3f} x forward")
+    print(f"  {'forward with the step / forward':30s} {'':8s}    {t['forward+step'] / fwd:6.3f}")
+    print(f"  memory: forward+step peak {peak / 1e6:7.1f} MB over live (plain forward {full_peak / 1e6:7.1f} MB); "
+          f"step freed {freed / 1e6:7.1f} MB (kept {kept:,.0f} of {n_cached:,})")  # fmt: skip
+    return {"forward": fwd, "step": step, **parts}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="2048,4096,8192,16384", help="kept tokens, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="skip the 16k Llama shape")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1024 tokens, one repeat")
+    parser.add_argument("--namm", default=None, help="NAMM folder (default: weights/default)")
     args = parser.parse_args()
-    print(f"mlx {mx.__version__}, device {mx.default_device()}")
-    bench_shape("Llama-3-8B layer", 1, 32, 8, 128, 4096, args.repeats)
-    if not args.quick:
-        bench_shape("Llama-3-8B layer", 1, 32, 8, 128, 16384, args.repeats)
-    bench_shape("SmolLM2-135M", 30, 9, 3, 64, 4096, args.repeats)
+    sizes = [1024] if args.quick else [int(x) for x in args.sizes.split(",")]
+    repeats = 1 if args.quick else args.repeats
+    namm = NAMM.load(args.namm or DEFAULT_NAMM_DIR)
+    model, _ = load_model()
+    install_hook()
+    print(f"mlx {mx.__version__} on {mx.default_device()}; SmolLM2-135M-Instruct float32; "
+          f"NAMM {args.namm or DEFAULT_NAMM_DIR}; medians of {repeats}")  # fmt: skip
+    for n in sizes:
+        bench_size(model, namm, n, repeats)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,10 @@ def ema_over_frames(
     return ema
 
 
+#: Values of one chunk of STFT blocks (16 MB of float32) in :func:`spectral_ema`.
+MAX_SPECTRUM = 1 << 22
+
+
 def spectral_ema(
     attn: mx.array, prev_tail: mx.array | None, prev_ema: mx.array | None, config: NAMMConfig
 ) -> tuple[mx.array, mx.array, mx.array]:
@@ -183,8 +187,10 @@ def spectral_ema(
     attn = attn.astype(mx.float32)
     dft = _windowed_dft(config)  # [n_fft, 2 * n_bins]: rows 0..hop-1 first half-window
     halves = mx.concatenate([dft[:hop], dft[hop:]], axis=1).T  # [4 * n_bins, hop]
-    # Every hop-long block of rows times both half-windows: [..., frames, 4 * n_bins, N].
-    blocks = halves @ attn.reshape(*lead, frames, hop, N)
+    def blocks_of(columns: mx.array) -> mx.array:
+        """Every hop-long block of rows times both half-windows: [..., frames, 4 * n_bins, cols]."""
+        return halves @ columns.reshape(*lead, frames, hop, columns.shape[-1])
+
     # The carried context (zeros for new slots) is the block before the first.
     context = mx.zeros((*lead, hop, N), dtype=mx.float32)
     if n_old:
@@ -192,15 +198,29 @@ def spectral_ema(
     first_block = halves[: 2 * n_bins] @ context  # [..., 2 * n_bins, N]
     weights = mx.array(_frame_weights(config, frames, N, n_old))  # [frames, N]
     weighted = _weighted_magnitudes(n_bins)
-    # Frame 0 pairs the context with block 0; frame t pairs block t-1 with block t.
-    ema = weighted(first_block, blocks[..., 0, 2 * n_bins :, :], weights[0]).astype(mx.float32)
-    if frames > 1:
-        rest = weighted(blocks[..., :-1, : 2 * n_bins, :], blocks[..., 1:, 2 * n_bins :, :], weights[1:, None, :])
-        ema = ema + rest.sum(axis=-3)
+    # Token columns are independent: a chunk's 4.25x-expanded blocks stay under
+    # MAX_SPECTRUM values, so the transient does not grow with the cache.
+    columns = max(1, min(N, MAX_SPECTRUM // max(1, math.prod(lead) * frames * 4 * n_bins)))
+    parts = []
+    for c0 in range(0, N, columns):
+        c1 = min(N, c0 + columns)
+        blocks = blocks_of(attn[..., c0:c1])
+        # Frame 0 pairs the context with block 0; frame t pairs block t-1 with block t.
+        part = weighted(first_block[..., c0:c1], blocks[..., 0, 2 * n_bins :, :], weights[0, c0:c1])
+        if frames > 1:
+            rest = weighted(
+                blocks[..., :-1, : 2 * n_bins, :], blocks[..., 1:, 2 * n_bins :, :], weights[1:, None, c0:c1]
+            )
+            part = part + rest.sum(axis=-3)
+        if columns < N:
+            mx.eval(part)
+        parts.append(part)
+    ema = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     ema = mx.swapaxes(ema, -1, -2)  # [..., N, n_bins]
     if n_old:
         carried = prev_ema.astype(mx.float32) * np.float32(config.ema_coeff ** (frames * hop))
         ema = mx.concatenate([ema[..., :n_old, :] + carried, ema[..., n_old:, :]], axis=-2)
+    blocks = blocks_of(attn)  # lazy: the magnitudes below are only computed if evaluated
     first = mx.concatenate([first_block[..., None, :, :], blocks[..., :-1, : 2 * n_bins, :]], axis=-3)
     spectrum = first + blocks[..., 2 * n_bins :, :]  # [..., frames, 2 * n_bins, N]
     real, imag = spectrum[..., :n_bins, :], spectrum[..., n_bins:, :]

@@ -149,10 +149,15 @@ def test_bad_kv_bits_are_refused(fixture_namm):
         EvictingKVCache(NAMMScorer(fixture_namm), kv_bits=3)
 
 
+@pytest.mark.parametrize("columns", [None, 10])  # one chunk of token columns, or many
 @pytest.mark.parametrize("n_old", [0, 48])
-def test_spectral_ema_equals_the_literal_pipeline(n_old):
+def test_spectral_ema_equals_the_literal_pipeline(n_old, columns, monkeypatch):
     """The fast layout (no transposed series) gives the spec's STFT, EMA and tail."""
+    from namm_mlx import features
     from namm_mlx.features import attention_series, ema_over_frames, spectral_ema, stft_magnitudes
+
+    if columns:
+        monkeypatch.setattr(features, "MAX_SPECTRUM", 2 * 3 * 4 * 4 * 17 * columns)  # lead x frames x 4 bins
 
     mx.random.seed(4)
     n, N = 64, 64 + n_old
