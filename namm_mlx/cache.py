@@ -352,6 +352,8 @@ class EvictingKVCache(_BaseCache):
         retain = min(getattr(self.scorer, "retain_queries", 0), self.num_queries) if keep >= self.length else 0
         if retain:
             self.queries = self.queries[:, :, self.num_queries - retain : self.num_queries]
+        else:
+            self.queries = None  # a block's buffer (Hq x 512 x D) is not held between blocks
         self.num_queries = self.counted_queries = retain
         self.steps += 1
         mx.eval(quantized.arrays(self.keys), quantized.arrays(self.values), self.kept_positions, self.scorer_state, self.queries)

@@ -312,9 +312,10 @@ def check_cache_path(path: str | Path) -> Path:
     return path
 
 
-def namm_settings(scorer: Any, max_kv_size: int | None) -> str:
+def namm_settings(scorer: Any, max_kv_size: int | None, kv_bits: int | None = None, kv_group_size: int = 64) -> str:
     """Fingerprint of what shapes a cache's eviction: the scorer's description
-    and arrays (a NAMM's config, weights and statistics) plus the hard cap.
+    and arrays (a NAMM's config, weights and statistics) plus the hard cap
+    and the kept tokens' quantisation.
     ``none`` for plain mlx-lm caches. A prompt cache records it, so it is only
     reused under the same settings."""
     if scorer is None:
@@ -324,6 +325,8 @@ def namm_settings(scorer: Any, max_kv_size: int | None) -> str:
         digest.update(name.encode())
         digest.update(np.asarray(array, dtype=np.float32).tobytes())
     digest.update(f"max_kv_size={max_kv_size}".encode())
+    if kv_bits is not None:
+        digest.update(f"kv_bits={kv_bits},kv_group_size={kv_group_size}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -443,6 +446,8 @@ def open_session(
     reserve: int = 1024,
     dtype: str = "float32",
     max_rope_factor: float = DEFAULT_MAX_ROPE_FACTOR,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> tuple[DocumentSession, list[str]]:
     """Load the model (and NAMM) for ``document`` and return an empty session.
 
@@ -450,7 +455,8 @@ def open_session(
     model's trained context, a YaRN RoPE scaling is applied where the family
     supports it (``rope_scaling="auto"``) up to ``max_rope_factor``; otherwise
     :class:`ContextError` gives both numbers. The NAMM is loaded (and
-    validated) before the model. Returns the session and notes for the user.
+    validated) before the model. ``kv_bits``/``kv_group_size`` quantise the
+    NAMM cache's kept tokens. Returns the session and notes for the user.
     """
     from .integration import as_scorer, attach
     from .models import resolve_model_path
@@ -481,12 +487,12 @@ def open_session(
         loaded, tokenizer, _ = load_mlx_model(path, {"rope_scaling": scaling, "max_position_embeddings": needed})
         notes.append(f"{why}: applied YaRN RoPE scaling x{scaling['factor']:g} (answers may degrade)")
     if scorer is not None:
-        attach(loaded, scorer, max_kv_size=max_kv_size)
+        attach(loaded, scorer, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
     session = DocumentSession(
         loaded, tokenizer, system_prompt=system_prompt, max_kv_size=max_kv_size, prefill_step_size=prefill_step_size
     )
     session.metadata["model"] = str(path)
-    session.metadata["namm_settings"] = namm_settings(scorer, max_kv_size)
+    session.metadata["namm_settings"] = namm_settings(scorer, max_kv_size, kv_bits, kv_group_size)
     return session, notes
 
 

@@ -22,6 +22,7 @@ from namm_mlx.cache import UnsupportedModelError
 from namm_mlx.checkpoint import CheckpointError
 from namm_mlx.documents import DocumentError, read_document
 from namm_mlx.gguf import ModelError
+from namm_mlx.quantized import check_bits
 from namm_mlx.session import (
     DEFAULT_MAX_ROPE_FACTOR,
     ContextError,
@@ -51,14 +52,18 @@ MAX_KV = typer.Option(None, "--max-kv-size", help="hard cap on cached tokens per
 PREFILL = typer.Option(512, "--prefill-step-size", help="prefill chunk (512 or a divisor keeps the NAMM cadence exact)")
 SYSTEM = typer.Option(None, "--system-prompt", help="system prompt")
 ROPE = typer.Option("auto", "--rope-scaling", help="auto: stretch RoPE (YaRN) for documents past the model's context; off: refuse")
+KV_BITS = typer.Option(None, "--kv-bits", help="store the NAMM cache's kept keys/values quantised to 4 or 8 bits")
+KV_GROUP = typer.Option(64, "--kv-group-size", help="group size of the --kv-bits quantisation")
 MAX_ROPE = typer.Option(
     DEFAULT_MAX_ROPE_FACTOR, "--max-rope-factor", min=1.0, help="largest YaRN stretch of the model's context to apply"
 )
 
 
 def _start(
-    doc: str, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed, max_rope_factor
-):
+    doc: str, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed, max_rope_factor,
+    kv_bits=None, kv_group_size=64,
+):  # fmt: skip
+    _check_kv_bits(no_namm, kv_bits, kv_group_size)
     check_document_source(doc)
     document = read_document(doc)  # bad documents fail before any model loads
     if seed is not None:
@@ -73,10 +78,24 @@ def _start(
         prefill_step_size=prefill_step_size,
         rope_scaling=rope_scaling,
         max_rope_factor=max_rope_factor,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
     )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return session, document
+
+
+def _check_kv_bits(no_namm: bool, kv_bits, kv_group_size: int) -> None:
+    """``--kv-bits`` quantises the NAMM cache's kept tokens: one line if it cannot."""
+    if kv_bits is None:
+        return
+    if no_namm:
+        fail("--kv-bits quantises the NAMM cache's kept tokens; drop --no-namm or --kv-bits")
+    try:
+        check_bits(kv_bits, kv_group_size)
+    except ValueError as err:
+        fail(str(err))
 
 
 def _progress(done: int, total: int, session: DocumentSession, start: list[float]) -> None:
@@ -154,12 +173,15 @@ def chat(
     system_prompt: Optional[str] = SYSTEM,
     rope_scaling: str = ROPE,
     max_rope_factor: float = MAX_ROPE,
+    kv_bits: Optional[int] = KV_BITS,
+    kv_group_size: int = KV_GROUP,
 ) -> None:
     """Chat with a long document: prefill it once, then ask as many questions as you like."""
     with user_errors():
         session, document = _start(
-            doc, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed, max_rope_factor
-        )
+            doc, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed, max_rope_factor,
+            kv_bits, kv_group_size,
+        )  # fmt: skip
         _prefill(session, document, snapshot=True)
         # With the document on stdin, questions come from the terminal if there is one.
         questions = sys.stdin if doc != "-" else _terminal()
@@ -225,6 +247,8 @@ def generate(
     system_prompt: Optional[str] = SYSTEM,
     rope_scaling: str = ROPE,
     max_rope_factor: float = MAX_ROPE,
+    kv_bits: Optional[int] = KV_BITS,
+    kv_group_size: int = KV_GROUP,
     verbose: bool = typer.Option(False, "--verbose", help="print statistics to stderr"),
 ) -> None:
     """Answer one question about a document (for scripts)."""
@@ -235,13 +259,16 @@ def generate(
             prompt_cache_file = check_cache_path(prompt_cache_file)  # before any prefill
         question = sys.stdin.read() if prompt == "-" else prompt
         if prompt_cache_file and prompt_cache_file.exists():
-            session = _resume(prompt_cache_file, doc, model, namm, no_namm, max_kv_size, prefill_step_size)
+            _check_kv_bits(no_namm, kv_bits, kv_group_size)
+            session = _resume(
+                prompt_cache_file, doc, model, namm, no_namm, max_kv_size, prefill_step_size, kv_bits, kv_group_size
+            )
         else:
             if doc is None:
                 fail("give --doc (or an existing --prompt-cache-file)")
             session, document = _start(
                 doc, model, namm, no_namm, max_kv_size, prefill_step_size, system_prompt, rope_scaling, seed,
-                max_rope_factor,
+                max_rope_factor, kv_bits, kv_group_size,
             )  # fmt: skip
             _prefill(session, document, snapshot=False)
             if prompt_cache_file:
@@ -249,7 +276,9 @@ def generate(
         _answer(session, question, max_tokens, temp, top_p, stats=verbose)
 
 
-def _resume(path: Path, doc, model, namm, no_namm, max_kv_size, prefill_step_size) -> DocumentSession:
+def _resume(
+    path: Path, doc, model, namm, no_namm, max_kv_size, prefill_step_size, kv_bits=None, kv_group_size=64
+) -> DocumentSession:
     """Load a session saved by an earlier ``generate``; the document is not re-read."""
     from mlx_lm.models.cache import load_prompt_cache
 
@@ -261,13 +290,13 @@ def _resume(path: Path, doc, model, namm, no_namm, max_kv_size, prefill_step_siz
         _, meta = load_prompt_cache(str(path), return_metadata=True)
     except Exception as err:
         fail(f"cannot read prompt cache {path}: {' '.join(str(err).split())[:200]}")
-    wanted, saved = namm_settings(scorer, max_kv_size), meta.get("namm_settings")
+    wanted, saved = namm_settings(scorer, max_kv_size, kv_bits, kv_group_size), meta.get("namm_settings")
     if saved is None:
         fail(f"{path} does not record its NAMM settings (an older file); delete it to prefill again")
     if saved != wanted:
         fail(
             f"{path} was prefilled with other NAMM settings (fingerprint {saved}, now {wanted}: another NAMM, "
-            "--no-namm or --max-kv-size); delete it or pass the same settings"
+            "--no-namm, --max-kv-size or --kv-bits); delete it or pass the same settings"
         )
     saved_model = model or meta.get("model")
     if not saved_model:
@@ -278,7 +307,7 @@ def _resume(path: Path, doc, model, namm, no_namm, max_kv_size, prefill_step_siz
             fail(f"{path} holds a different document than {doc}; delete it or drop --prompt-cache-file")
     loaded, tokenizer, _ = load_mlx_model(saved_model)
     if scorer is not None:
-        attach(loaded, scorer, max_kv_size=max_kv_size)
+        attach(loaded, scorer, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
     session = DocumentSession.restore(path, loaded, tokenizer, max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
     print(f"reusing prefilled document from {path} ({session.offset:,} tokens)", file=sys.stderr)
     return session

@@ -37,7 +37,6 @@ register(ModelError, UnsupportedModelError)
 REFUSED = {
     "--draft-model": "speculative decoding rewinds the cache after rejected drafts, which eviction makes impossible",
     "--num-draft-tokens": "speculative decoding rewinds the cache after rejected drafts, which eviction makes impossible",
-    "--kv-bits": "a quantized KV cache replaces the NAMM cache",
 }
 
 #: How often (seconds) a non-streaming generation checks that its client is still there.
@@ -66,6 +65,12 @@ def serve(
     queue_size: int = typer.Option(
         8, "--queue-size", min=1, help="requests waiting or running at once; more get HTTP 503"
     ),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="quantise the kept keys/values to 4 or 8 bits"),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="group size of the --kv-bits quantisation"),
+    max_context: Optional[int] = typer.Option(
+        None, "--max-context", min=1,
+        help="longest conversation in tokens; past the model's trained context its RoPE is stretched with YaRN",
+    ),
 ) -> None:
     """Serve the OpenAI-compatible API (mlx-lm's server) with NAMM eviction.
 
@@ -78,6 +83,14 @@ def serve(
             name = arg.split("=", 1)[0]
             if name in REFUSED:
                 fail(f"{name} cannot be used with NAMM eviction: {REFUSED[name]}")
+        from namm_mlx.quantized import check_bits
+
+        try:
+            check_bits(kv_bits, kv_group_size)
+        except ValueError as err:
+            fail(str(err))
+        if no_namm and kv_bits is not None:  # stock mlx-lm quantised caches
+            extra += ["--kv-bits", str(kv_bits), "--kv-group-size", str(kv_group_size)]
         import mlx.core as mx
         import mlx_lm.server as server
 
@@ -86,12 +99,15 @@ def serve(
 
         scorer = None if no_namm else as_scorer(namm)  # fail now, before any model loads
         path = resolve_model_path(model)
+        rope = _rope_override(path, max_context)
         original_load = server.load
 
         def load_with_namm(*args, **kwargs):
+            if rope:
+                kwargs["model_config"] = {**kwargs.get("model_config", {}), **rope}
             loaded = original_load(*args, **kwargs)
             if scorer is not None:
-                attach(loaded[0], scorer, max_kv_size=max_kv_size)
+                attach(loaded[0], scorer, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
             return loaded
 
         server.load = load_with_namm
@@ -111,9 +127,36 @@ def serve(
             "--prefill-step-size", str(prefill_step_size),
             *extra,
         ]  # fmt: skip
-        label = "plain caches" if scorer is None else f"NAMM caches (max_kv_size={max_kv_size})"
+        label = "plain caches" if scorer is None else f"NAMM caches (max_kv_size={max_kv_size}, kv_bits={kv_bits})"
         print(f"serving {path} on http://{host}:{port}/v1 with {label}", file=sys.stderr, flush=True)
         server.main()
+
+
+def _rope_override(path: Any, max_context: Optional[int]) -> dict:
+    """The YaRN ``model_config`` for conversations up to ``max_context`` tokens
+    (empty when the model's trained context covers them), as ``namm chat``
+    applies for long documents; one line when the family cannot be stretched."""
+    from pathlib import Path
+
+    from namm_mlx.session import DEFAULT_MAX_ROPE_FACTOR, YARN_FAMILIES, context_limit, yarn_scaling
+
+    if max_context is None:
+        return {}
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        fail(f"--max-context needs a local model folder with a config.json ({path})")
+    trained = context_limit(config)
+    if not trained or max_context <= trained:
+        return {}
+    family = config.get("model_type", "?")
+    if config.get("rope_scaling") or family not in YARN_FAMILIES:
+        fail(f"--max-context {max_context:,} is past the model's {trained:,} tokens and its family ({family}) cannot be stretched here")
+    scaling = yarn_scaling(max_context, trained)
+    if scaling["factor"] > DEFAULT_MAX_ROPE_FACTOR:
+        fail(f"--max-context {max_context:,} would stretch the model's {trained:,} tokens x{scaling['factor']:g}, past x{DEFAULT_MAX_ROPE_FACTOR:g}")
+    print(f"note: YaRN RoPE scaling x{scaling['factor']:g} for conversations up to {max_context:,} tokens", file=sys.stderr)
+    return {"rope_scaling": scaling, "max_position_embeddings": max_context}
 
 
 class ClientGone(Exception):
