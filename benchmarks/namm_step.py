@@ -42,6 +42,8 @@ from namm_mlx.models import load_model
 from namm_mlx.selection import gather_tokens, protect_newest, shared_keep_count, top_k_in_order
 
 BLOCK = 512
+#: Largest cache for which the stacked-layers variant is also measured.
+STACK_LIMIT = 4096
 
 
 def median_times(fns: dict, repeats: int) -> dict[str, float]:
@@ -148,6 +150,12 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, floa
         "bam": per_layer(lambda: bam_scores(features.embedding, namm.weights, namm.config).scores),
         "select": per_layer(select_gather),
     }
+    if n_cached <= STACK_LIMIT:  # all layers' probabilities at once: 30x the memory
+        stacked_attn = mx.broadcast_to(attn, (layers, *attn.shape))
+        stacked_pos = mx.broadcast_to(s.positions, (layers, *s.positions.shape))
+        stacked_state = TokenState(*(mx.broadcast_to(a, (layers, *a.shape)) for a in carried.arrays()))
+        fns["stacked"] = lambda: mx.eval(namm.score(stacked_attn, stacked_pos, stacked_state)[0])
+        fns["per-layer"] = per_layer(lambda: namm.score(attn, s.positions, carried)[0])
     t = median_times(fns, repeats)
     fwd = t["forward"]
     parts = {
@@ -182,6 +190,9 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, floa
     step = sum(v for k, v in parts.items() if k != "probabilities (recomputed)")
     print(f"  {'step (sum of the parts above)':30s} {step:8.3f} s  {step / fwd:6.3f} x forward")
     print(f"  {'forward with the step / forward':30s} {'':8s}    {t['forward+step'] / fwd:6.3f}")
+    if "stacked" in t:
+        print(f"  features+BAM, {layers} layers stacked in one call vs one call per layer: "
+              f"{t['stacked'] / t['per-layer']:.2f}x the time")  # fmt: skip
     print(f"  memory: forward+step peak {peak / 1e6:7.1f} MB over live (plain forward {full_peak / 1e6:7.1f} MB); "
           f"step freed {freed / 1e6:7.1f} MB (kept {kept:,.0f} of {n_cached:,})")  # fmt: skip
     return {"forward": fwd, "step": step, **parts}
