@@ -298,6 +298,19 @@ def test_huge_document_is_refused_before_tokenising(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_one_stray_byte_is_replaced_not_mojibake(tmp_path):
+    """The document helper's decoding, through the CLI: the stray byte is
+    replaced and counted, the rest stays UTF-8 ("café", not "cafÃ©")."""
+    stray = tmp_path / "cafe.txt"
+    stray.write_bytes("Le café était fermé le lundi. ".encode() * 20 + b"\xff" + "Fin.".encode())
+    before = snapshot(tmp_path)
+    result = run_namm("generate", "--doc", stray, "--prompt", "Where is the café?", "--max-tokens", "1", "--verbose")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "not valid UTF-8" in line]
+    assert len(notes) == 1 and "1 byte" in notes[0], result.stderr
+    assert snapshot(tmp_path) == before
+
+
 def test_device_is_not_a_document():
     assert_refused(run_namm("generate", "--doc", "/dev/zero", "--prompt", "q", timeout=60), "device")
 
