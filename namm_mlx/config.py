@@ -162,7 +162,7 @@ def _show(value: Any) -> str:
 #: pipeline's arithmetic meaningful: a zero interval never steps, a negative
 #: epsilon divides by zero, an EMA coefficient past 1 grows without bound).
 _SCHEMA: dict[str, tuple[type, Any, str]] = {
-    "update_interval": (int, lambda v: 0 < v <= 1 << 20, "a positive integer (tokens between NAMM steps)"),
+    "update_interval": (int, lambda v: 0 < v <= 1 << 20, "a positive integer up to 1048576 (tokens between NAMM steps)"),
     "n_fft": (int, lambda v: 2 <= v <= 4096, "an integer from 2 to 4096"),
     "hop": (int, lambda v: 1 <= v <= 2048, "an integer from 1 to 2048"),
     "ema_coeff": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
