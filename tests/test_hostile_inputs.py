@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -498,7 +499,8 @@ def test_server_stops_on_disconnect_caps_tokens_and_queues(tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
-        [*namm_command(), "serve", "--port", str(port), "--queue-size", "2", "--max-tokens-cap", "4000"],
+        [*namm_command(), "serve", "--port", str(port), "--queue-size", "2", "--max-tokens-cap", "4000",
+         "--prompt-cache-bytes", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
@@ -537,3 +539,7 @@ def test_server_stops_on_disconnect_caps_tokens_and_queues(tmp_path):
         output = server.communicate(timeout=60)[0]
     assert "client disconnected: generation stopped" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    # the byte limit reaches the store of earlier requests' caches (sequential serving):
+    # with 1 byte allowed, no cache is ever kept
+    held = [int(n) for n in re.findall(r"Prompt Cache: (\d+) sequences", output)]
+    assert len(held) >= 4 and not any(held), held

@@ -10,6 +10,13 @@ problem, so the handler adds three bounds mlx-lm lacks: a cap on
 ``max_tokens``, a limit on requests waiting or running (503 past it), and a
 non-streaming request whose client hung up stops generating (mlx-lm notices
 only when a streamed write fails).
+
+Memory: mlx-lm keeps the caches of up to ``--prompt-cache-size`` (10) earlier
+requests for prompt reuse, but its byte limit (``--prompt-cache-bytes``) only
+reaches its batched path; sequential serving, which NAMM caches always get,
+kept all ten whatever their size, and a NAMM cache carries per-token scorer
+state beside its keys and values. The byte limit is applied to that store
+here, with a default, and mlx's pool of freed buffers is capped.
 """
 
 from __future__ import annotations
@@ -49,6 +56,16 @@ MLX_CACHE_LIMIT = 1 << 30
 PROMPT_CACHE_BYTES = "2GB"
 
 
+def _size(text: str) -> int:
+    """``2GB``, ``500MB``, ``123`` -> bytes, as mlx-lm parses ``--prompt-cache-bytes``."""
+    from mlx_lm.utils import _parse_size
+
+    try:
+        return _parse_size(text)
+    except (KeyError, ValueError, ArithmeticError):
+        fail(f"--prompt-cache-bytes expects a size such as 2GB or 500MB, got {text!r}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
@@ -71,6 +88,9 @@ def serve(
         None, "--max-context", min=1,
         help="longest conversation in tokens; past the model's trained context its RoPE is stretched with YaRN",
     ),
+    prompt_cache_bytes: str = typer.Option(
+        PROMPT_CACHE_BYTES, "--prompt-cache-bytes", help="bytes of earlier requests' caches kept for prompt reuse"
+    ),
 ) -> None:
     """Serve the OpenAI-compatible API (mlx-lm's server) with NAMM eviction.
 
@@ -83,6 +103,7 @@ def serve(
             name = arg.split("=", 1)[0]
             if name in REFUSED:
                 fail(f"{name} cannot be used with NAMM eviction: {REFUSED[name]}")
+        store_bytes = _size(prompt_cache_bytes)
         from namm_mlx.quantized import check_bits
 
         try:
@@ -116,15 +137,16 @@ def serve(
         server._run_http_server = lambda host, port, generator, **_: original_http(
             host, port, generator, handler_class=handler
         )
+        lru = server.LRUPromptCache
+        server.LRUPromptCache = lambda max_size: lru(max_size, max_bytes=store_bytes)
         mx.set_cache_limit(MLX_CACHE_LIMIT)
-        if not any(a.split("=", 1)[0] == "--prompt-cache-bytes" for a in extra):
-            extra += ["--prompt-cache-bytes", PROMPT_CACHE_BYTES]
         sys.argv = [
             "mlx_lm.server",
             "--model", str(path),
             "--host", host,
             "--port", str(port),
             "--prefill-step-size", str(prefill_step_size),
+            "--prompt-cache-bytes", str(store_bytes),
             *extra,
         ]  # fmt: skip
         label = "plain caches" if scorer is None else f"NAMM caches (max_kv_size={max_kv_size}, kv_bits={kv_bits})"
