@@ -5,15 +5,17 @@ tokens in every layer (2k, 4k, 8k, 16k), measures in one run:
 
 * the forward of the 512 tokens that complete the block (stock ``KVCache``,
   fused attention; logits are not evaluated, as in mlx-lm's prefill), = 1.00;
-* the step's parts summed over the 30 layers, as ratios to that forward:
+* the step's parts (the mean of 5 calls on one layer times the 30 layers,
+  which all have the same shapes), as ratios to that forward:
   probabilities (taken from the forward: the explicit attention's extra cost
   over the fused kernel; and, for comparison, recomputed from buffered
   queries as decoding steps do), features (STFT, EMA, normalisation,
   recency), BAM, selection/gather (kept count, per-head top-k, gather of
   K/V and carried state);
-* end to end: the same forward on NAMM caches in which the step falls, over
-  the plain forward; the step's transient memory (peak over what was live
-  before it) next to the bytes the step frees.
+* end to end (up to 8k): the same forward on NAMM caches in which the step
+  falls, over the plain forward; its transient memory (peak over what was
+  live before it) next to the plain forward's and the bytes the step frees;
+* up to 2k: features+BAM of all layers stacked in one call vs layer by layer.
 
 Timings alternate between the variants and report medians, so the ratios
 survive a noisy machine.
@@ -43,13 +45,17 @@ from namm_mlx.selection import gather_tokens, protect_newest, shared_keep_count,
 
 BLOCK = 512
 #: Largest cache for which the stacked-layers variant is also measured.
-STACK_LIMIT = 4096
+STACK_LIMIT = 2048
+#: Calls of one layer's part per timing.
+LAYER_SAMPLES = 5
+#: Largest cache for which the whole forward with its step is also timed.
+E2E_LIMIT = 8192
 
 
-def median_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each function; one warm-up each, then rounds that
-    alternate between them (each must evaluate its own outputs)."""
-    for fn in fns.values():
+def median_times(fns: dict, repeats: int, warm_up: bool = True) -> dict[str, float]:
+    """Median wall time of each function; one warm-up each (compiles kernels),
+    then rounds that alternate between them (each must evaluate its outputs)."""
+    for fn in fns.values() if warm_up else ():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
@@ -109,7 +115,7 @@ class Shapes:
         return caches
 
 
-def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, float]:
+def bench_size(model, namm: NAMM, n_cached: int, repeats: int, warm_up: bool = True) -> dict[str, float]:
     s = Shapes(model, n_cached)
     scale = s.head_dim**-0.5
     dtype = namm.config.attention_dtype
@@ -127,9 +133,14 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, floa
         mx.eval([c.state for c in caches])
 
     def per_layer(fn):
+        """LAYER_SAMPLES calls of one layer's part (every layer has the same
+        shapes): the time per call x layers, with the noise of a shared CPU
+        averaged over several calls."""
+
         def run():
-            for _ in range(layers):
+            for _ in range(LAYER_SAMPLES):
                 mx.eval(fn())
+
         return run
 
     def select_gather():
@@ -140,7 +151,6 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, floa
 
     fns = {
         "forward": lambda: forward(s.full_caches()),
-        "forward+step": lambda: forward(s.namm_caches(scorer)),
         "fused": per_layer(
             lambda: mx.fast.scaled_dot_product_attention(s.queries, s.keys, s.values, scale=scale, mask="causal")
         ),
@@ -150,13 +160,17 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, floa
         "bam": per_layer(lambda: bam_scores(features.embedding, namm.weights, namm.config).scores),
         "select": per_layer(select_gather),
     }
+    if n_cached <= E2E_LIMIT:  # BAM alone is ~4 minutes per forward at 16k on a 2-core CPU
+        fns["forward+step"] = lambda: forward(s.namm_caches(scorer))
     if n_cached <= STACK_LIMIT:  # all layers' probabilities at once: 30x the memory
         stacked_attn = mx.broadcast_to(attn, (layers, *attn.shape))
         stacked_pos = mx.broadcast_to(s.positions, (layers, *s.positions.shape))
         stacked_state = TokenState(*(mx.broadcast_to(a, (layers, *a.shape)) for a in carried.arrays()))
         fns["stacked"] = lambda: mx.eval(namm.score(stacked_attn, stacked_pos, stacked_state)[0])
-        fns["per-layer"] = per_layer(lambda: namm.score(attn, s.positions, carried)[0])
-    t = median_times(fns, repeats)
+        fns["per-layer"] = lambda: [mx.eval(namm.score(attn, s.positions, carried)[0]) for _ in range(layers)]
+    t = median_times(fns, repeats, warm_up)
+    parts_of_one_layer = ("fused", "explicit", "recompute", "features", "bam", "select")
+    t.update({k: v * layers / LAYER_SAMPLES for k, v in t.items() if k in parts_of_one_layer})
     fwd = t["forward"]
     parts = {
         "probabilities (from forward)": max(0.0, t["explicit"] - t["fused"]),
@@ -167,6 +181,9 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, floa
     }
 
     # Memory: one forward on NAMM caches whose step falls in it, vs a plain one.
+    if n_cached > E2E_LIMIT:
+        print_parts(n_cached, s, layers, fwd, parts, t, None)
+        return {"forward": fwd, **parts}
     caches = s.namm_caches(scorer)
     mx.clear_cache()
     active = mx.get_active_memory()
@@ -183,19 +200,27 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int) -> dict[str, floa
     forward(full)
     full_peak = mx.get_peak_memory() - active
 
+    print_parts(n_cached, s, layers, fwd, parts, t, (peak, full_peak, freed, kept))
+    return {"forward": fwd, **parts}
+
+
+def print_parts(n_cached, s, layers, fwd, parts, t, memory) -> None:
     print(f"\n{n_cached:,} cached tokens ({s.n_old:,} kept + {BLOCK} new) x {layers} layers; "
           f"forward of {BLOCK} tokens {fwd:.2f} s = 1.00")  # fmt: skip
     for name, seconds in parts.items():
         print(f"  {name:30s} {seconds:8.3f} s  {seconds / fwd:6.3f} x forward")
     step = sum(v for k, v in parts.items() if k != "probabilities (recomputed)")
     print(f"  {'step (sum of the parts above)':30s} {step:8.3f} s  {step / fwd:6.3f} x forward")
-    print(f"  {'forward with the step / forward':30s} {'':8s}    {t['forward+step'] / fwd:6.3f}")
+    if "forward+step" in t:
+        print(f"  {'forward with the step / forward':30s} {'':8s}    {t['forward+step'] / fwd:6.3f}")
     if "stacked" in t:
         print(f"  features+BAM, {layers} layers stacked in one call vs one call per layer: "
               f"{t['stacked'] / t['per-layer']:.2f}x the time")  # fmt: skip
+    if memory is None:
+        return
+    peak, full_peak, freed, kept = memory
     print(f"  memory: forward+step peak {peak / 1e6:7.1f} MB over live (plain forward {full_peak / 1e6:7.1f} MB); "
           f"step freed {freed / 1e6:7.1f} MB (kept {kept:,.0f} of {n_cached:,})")  # fmt: skip
-    return {"forward": fwd, "step": step, **parts}
 
 
 def main() -> None:
@@ -212,8 +237,8 @@ def main() -> None:
     install_hook()
     print(f"mlx {mx.__version__} on {mx.default_device()}; SmolLM2-135M-Instruct float32; "
           f"NAMM {args.namm or DEFAULT_NAMM_DIR}; medians of {repeats}")  # fmt: skip
-    for n in sizes:
-        bench_size(model, namm, n, repeats)
+    for i, n in enumerate(sizes):
+        bench_size(model, namm, n, repeats, warm_up=i == 0)
 
 
 if __name__ == "__main__":
