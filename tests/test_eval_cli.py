@@ -30,9 +30,11 @@ def _table_rows(output: str) -> dict[tuple[str, str], list[str]]:
 
 
 def test_eval_passkey_full_vs_knorm(tmp_path):
+    """The question-aware protocol (the default before issue 12), end to end."""
     out = tmp_path / "run"
     args = ["eval", "--policy", "full,knorm", "--tasks", "passkey", "--lengths", "1024", "--limit", "2",
-            "--budget", "0.5", "--text", str(DATA / "pride_and_prejudice.txt"), "--out", str(out)]
+            "--budget", "0.5", "--text", str(DATA / "pride_and_prejudice.txt"), "--out", str(out),
+            "--query-aware", "--baseline-eviction", "prompt"]
     result = _invoke(args)
     rows = _table_rows(result.stdout)
     assert set(rows) == {("passkey", "full"), ("passkey", "knorm")}
@@ -55,7 +57,9 @@ def test_eval_passkey_full_vs_knorm(tmp_path):
     assert results["complete"] and [o["run"] for o in results["overall"]] == ["full", "knorm@0.5"]
     assert {t["run"]: t["n"] for t in results["by_task"]} == {"full": 2, "knorm@0.5": 2}
     png = (out / "score_vs_kept.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (720, 440)
+    from namm_mlx.eval.plot import DPI, SIZE
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (SIZE[0] * DPI, SIZE[1] * DPI)
 
     # rerunning resumes: nothing is recomputed, the same table comes back
     again = _invoke(args)
