@@ -691,6 +691,9 @@ def test_query_agnostic_kept_sets_do_not_depend_on_the_question(tmp_path, tokeni
     assert rows["h2o@0.3"]["recall"] == pytest.approx((by[("q0", "h2o", "0.3")]["recall"] + by[("q1", "h2o", "0.3")]["recall"]) / 2, abs=1e-4)
     lo, hi = rows["h2o@0.3"]["recall_ci"]
     assert lo <= rows["h2o@0.3"]["recall"] <= hi and rows["full"]["score_ci"] is not None
+    # where recall is lost: per layer and per step, averaged over the items
+    assert len(rows["h2o@0.3"]["recall_per_layer"]) == 3 and len(rows["h2o@0.3"]["recall_per_step"]) == 2
+    assert np.mean(rows["h2o@0.3"]["recall_per_step"]) == pytest.approx(rows["h2o@0.3"]["recall"], abs=1e-3)
 
 
 def test_recall_only_resume_and_protocols_kept_apart(tmp_path, tokenizer, wide_tiny_model):

@@ -771,9 +771,24 @@ def _interval(groups: Sequence[Sequence[float]], scale: float, digits: int) -> l
     return None if ci is None else [round(scale * ci[0], digits), round(scale * ci[1], digits)]
 
 
+def _recall_profile(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean recall per layer, and per eviction step when every item has the same
+    number of steps (steps at 512, 1024, ... and the document's end): where a
+    policy loses the attention that follows."""
+    out: dict[str, Any] = {}
+    layers = [r["recall_per_layer"] for r in rows if r.get("recall_per_layer")]
+    if layers and len({len(v) for v in layers}) == 1:
+        out["recall_per_layer"] = [round(float(v), 4) for v in np.mean(layers, axis=0)]
+    steps = [r["recall_per_step"] for r in rows if r.get("recall_per_step")]
+    if steps and len({len(v) for v in steps}) == 1:
+        out["recall_per_step"] = [round(float(v), 4) for v in np.mean(steps, axis=0)]
+    return out
+
+
 def _aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One table row: the mean task score (100 x, with its 95% bootstrap interval),
-    recall (with its interval), kept fraction, memory and speed."""
+    recall (with its interval, per layer and per step), kept fraction, memory
+    and speed."""
     scores, recalls = _scored(rows, "score"), _scored(rows, "recall")
     prefill_s = sum(r["prefill_seconds"] for r in rows)
     decode_s = sum(r["generated_tokens"] / r["decode_tps"] for r in rows if r.get("decode_tps"))
@@ -790,6 +805,7 @@ def _aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "kv_cache_mb": round(_mean(_scored(rows, "kv_cache_mb")), 2) if _scored(rows, "kv_cache_mb") else None,
         "prefill_tps": round(sum(r["prompt_tokens"] - 1 for r in rows) / prefill_s, 1) if prefill_s else 0.0,
         "decode_tps": round(sum(r["generated_tokens"] for r in rows) / decode_s, 1) if decode_s else 0.0,
+        **_recall_profile(rows),
     }
 
 
