@@ -77,8 +77,10 @@ class EvictionContext:
         """GQA-averaged attention ``[B, H, rows, N]`` of the newest ``rows``
         buffered queries (all of them when ``None``): the forward's own when it
         covers them, otherwise recomputed from the buffered queries."""
-        wanted = rows if rows is not None else (None if self.queries is None else self.queries.shape[2])
         taken = self.probabilities
+        wanted = rows
+        if wanted is None:
+            wanted = self.queries.shape[2] if self.queries is not None else None if taken is None else taken.shape[2]
         if taken is not None and dtype == self.probabilities_dtype and wanted is not None and wanted <= taken.shape[2]:
             return taken[:, :, taken.shape[2] - wanted :]
         if self.queries is None:
@@ -265,7 +267,10 @@ class EvictingKVCache(_BaseCache):
             return
         self._awaiting_attention = False
         self.scale = float(scale)
-        if self.scorer.needs_queries:
+        # Queries whose probabilities the forward already handed over need no
+        # buffer, unless the scorer keeps some across steps (retain_queries).
+        taken = self._forward_probabilities is not None and not getattr(self.scorer, "retain_queries", 0)
+        if self.scorer.needs_queries and not taken:
             self._buffer_queries(queries)
         if self._step_due():
             self.evict()
@@ -321,6 +326,7 @@ class EvictingKVCache(_BaseCache):
         values = quantized.head(self.values, self.length)
         positions = self.positions()
         probabilities, self._forward_probabilities = self._forward_probabilities, None
+        n_taken = 0 if probabilities is None else probabilities.shape[2]
         context = EvictionContext(
             keys=quantized.dequantize(keys, self.kv_group_size, self.kv_bits),
             positions=positions,
@@ -329,7 +335,7 @@ class EvictingKVCache(_BaseCache):
             state=self.scorer_state,
             queries=None if self.queries is None else self.queries[:, :, : self.num_queries],
             scale=self.scale,
-            new_queries=self.num_queries - self.counted_queries,
+            new_queries=self.num_queries - self.counted_queries if self.num_queries else n_taken,
             probabilities=probabilities,
             probabilities_dtype=getattr(self.scorer, "attention_dtype", "float32"),
         )
