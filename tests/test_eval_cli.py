@@ -59,7 +59,7 @@ def test_eval_passkey_full_vs_knorm(tmp_path):
     png = (out / "score_vs_kept.png").read_bytes()
     from namm_mlx.eval.plot import DPI, SIZE
 
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (SIZE[0] * DPI, SIZE[1] * DPI)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (round(SIZE[0] * DPI), round(SIZE[1] * DPI))
 
     # rerunning resumes: nothing is recomputed, the same table comes back
     again = _invoke(args)
@@ -100,7 +100,7 @@ def test_eval_longbench_jsonl(tmp_path):
 def test_eval_query_agnostic_namm_and_baseline_at_one_budget(tmp_path):
     """The default protocol end to end: the shipped NAMM (ranked) and H2O keep the
     same number of tokens of the document, every pair has its recall, the table
-    and results.json carry intervals, and a recall-only rerun has nothing to do."""
+    and results.json carry intervals, and a rerun has nothing to do."""
     out = tmp_path / "qa"
     args = ["eval", "--policy", "full,namm,h2o", "--tasks", "passkey", "--lengths", "1024", "--limit", "1",
             "--budget", "0.5", "--max-tokens", "8", "--text", str(DATA / "pride_and_prejudice.txt"), "--out", str(out),
@@ -123,7 +123,7 @@ def test_eval_query_agnostic_namm_and_baseline_at_one_budget(tmp_path):
     for row in results["overall"]:
         lo, hi = row["recall_ci"]
         assert lo <= row["recall"] <= hi and row["score_ci"] is not None
-    again = _invoke(args[:-1] + ["--recall-only"])
+    again = _invoke(args)
     assert "resuming: 3 of 3" in again.stderr
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
 
