@@ -19,10 +19,10 @@ import mlx.core as mx
 
 from .features import gqa_mean
 
-#: Query-head x row x key logits computed at once (32 MB of float32). Chosen by
-#: measurement (benchmarks/namm_step.py): on the CPU backend, chunks of this
-#: size cost the same per logit as one unchunked call while bounding the
-#: transient memory of a 16k-token step to a fraction of one layer's K/V.
+#: Query-head x row x key logits computed at once (32 MB of float32). Measured
+#: on the CPU backend for SmolLM2's 9/3 heads, 512 queries x 4k keys: 2^21
+#: took 1.20x the fused kernel's time, 2^23 1.00x, 2^25 1.03x, with transient
+#: peaks of 53, 59 and 105 MB against the fused kernel's 80 MB.
 MAX_LOGITS = 1 << 23
 
 

@@ -15,10 +15,10 @@ import mlx.core as mx
 from .config import NAMMConfig
 
 #: Query rows per chunk are chosen so one chunk's attention logits stay below
-#: this many float32 values (16 MB): the step's transient memory then stays
-#: below what eviction frees. Measured on the CPU backend at 2k and 4k tokens
-#: (3 heads), chunks of this size are as fast as 16x larger ones: the cost is
-#: the softmax's exponentials, not per-call overhead.
+#: this many float32 values (16 MB) and are evaluated one at a time. Measured
+#: on the CPU backend for 3 heads x 4k tokens: 2.30 s and a 28 MB peak, against
+#: 2.33 s and 147 MB with 16x larger chunks evaluated together; the cost is
+#: the softmax's exponentials, not the number of calls.
 _MAX_LOGITS_PER_CHUNK = 1 << 22
 #: Below this many rows per chunk, per-call overhead outweighs the skipped work.
 _MIN_CHUNK = 128
