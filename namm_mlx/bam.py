@@ -17,7 +17,7 @@ from .config import NAMMConfig
 #: Query rows per chunk are chosen so one chunk's attention logits stay below
 #: this many float32 values (16 MB) and are evaluated one at a time. Measured
 #: on the CPU backend for 3 heads x 4k tokens: 2.30 s and a 28 MB peak, against
-#: 2.33 s and 147 MB with 16x larger chunks evaluated together; the cost is
+#: 2.67 s and 147 MB with 16x larger chunks evaluated together; the cost is
 #: the softmax's exponentials, not the number of calls.
 _MAX_LOGITS_PER_CHUNK = 1 << 22
 #: Below this many rows per chunk, per-call overhead outweighs the skipped work.
