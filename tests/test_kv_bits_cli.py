@@ -33,13 +33,14 @@ def test_generate_with_kv_bits_answers_and_round_trips(tmp_path, namm_dir):  # n
     assert other.returncode != 0 and "other NAMM settings" in other.stderr  # resumed without --kv-bits
 
 
-def test_bad_kv_bits_get_one_line(tmp_path):
+def test_bad_kv_bits_and_context_get_one_line(tmp_path):
     doc = tmp_path / "d.txt"
     doc.write_text("A short document.")
     for args, message in [
         (["generate", "--doc", str(doc), "--prompt", "q", "--kv-bits", "3"], "must be 4 or 8"),
         (["generate", "--doc", str(doc), "--prompt", "q", "--kv-bits", "8", "--no-namm"], "drop --no-namm"),
         (["serve", "--kv-bits", "5"], "must be 4 or 8"),
+        (["serve", "--max-context", "100000"], "past x8"),  # YaRN would stretch 8k x12.25
     ]:
         result = run_namm(*args)
         lines = result.stderr.strip().splitlines()
