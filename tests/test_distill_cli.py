@@ -58,3 +58,24 @@ def test_bad_options_are_one_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_recorded_only_fits_without_a_model_and_refuses_an_empty_folder(tmp_path):
+    from namm_mlx.distill import StepRecord, ItemRecord
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    steps = [
+        StepRecord(0, 32, rng.random((2, 32, 17), dtype=np.float32), np.arange(32)[::-1][None].repeat(2, 0).astype(np.int32),
+                   *(rng.random((2, 32), dtype=np.float32) / 32 for _ in range(3)))
+    ]
+    (tmp_path / "r").mkdir()
+    ItemRecord("made-by-hand", 32, 40, steps).save(tmp_path / "r" / "a.npz")
+    ok = _namm("distill", "--out", str(tmp_path / "d"), "--records", str(tmp_path / "r"), "--recorded-only",
+               "--steps", "2", "--window", "16", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(json.loads((tmp_path / "d" / "namm_config.json").read_text())["provenance"]["distill_data"])
+    assert data["documents"] == ["made-by-hand"] and data["recorded_only"] is True
+    (tmp_path / "empty").mkdir()
+    empty = _namm("distill", "--out", str(tmp_path / "e"), "--records", str(tmp_path / "empty"), "--recorded-only", cwd=tmp_path)
+    assert empty.returncode != 0 and "no recordings" in empty.stderr and "Traceback" not in empty.stderr

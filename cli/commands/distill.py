@@ -90,6 +90,10 @@ def distill(
         0.5, "--keep", min=0.0, max=1.0, help="Share of recorded tokens that threshold 0 keeps (calibration)."
     ),
     fit_seed: int = typer.Option(0, "--fit-seed", min=0, help="Seed of the initial weights and batches."),
+    recorded_only: bool = typer.Option(
+        False, "--recorded-only",
+        help="Fit on the recordings already in --records (no model, no new recording): for trying fit options.",
+    ),
 ) -> None:
     """Distil a NAMM from full-cache attention: record documents once, fit by gradient, calibrate."""
     with errors.user_errors():
@@ -108,7 +112,12 @@ def distill(
         except ValueError as err:
             raise DistillError(str(err)) from None
         folder = records or out.with_name(out.name + "-records")
-        recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder, text)
+        if recorded_only:
+            recorded = [ItemRecord.load(p) for p in sorted(folder.glob("*.npz"))]
+            if not recorded:
+                raise DistillError(f"--recorded-only: no recordings (*.npz) in {folder}")
+        else:
+            recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder, text)
         with _progress() as bar:
             task = bar.add_task("fitting", total=options.steps, info="")
             namm = fit_namm(
@@ -117,8 +126,9 @@ def distill(
                 progress=lambda done, total, loss: bar.update(task, completed=done, info=f"loss {loss:.4f}"),
                 metadata={
                     "distill_data": json.dumps(
-                        {"model": model or "default", "tasks": task_names, "lengths": doc_lengths,
-                         "items": items, "seed": seed, "layer_stride": layer_stride,
+                        {"model": model or "default", "records": str(folder), "recorded_only": recorded_only,
+                         **({} if recorded_only else {"tasks": task_names, "lengths": doc_lengths, "items": items,
+                                                      "seed": seed, "layer_stride": layer_stride}),
                          "documents": [r.item_id for r in recorded]},
                         sort_keys=True,
                     ),
