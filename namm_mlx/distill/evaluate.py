@@ -12,12 +12,12 @@ slightly different keys).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
-from ..cache import EvictingKVCache, evict_now
-from ..eval.recall import FutureAttention, RecallResult, future_attention_from_caches, future_attention_recall, snapshot
-from ..recording import RecordedLayer, record_full_cache, recorded_layers, replay
-from .record import item_tokens
+from ..cache import EvictingKVCache
+from ..eval.query_agnostic import replay_kept_sets
+from ..eval.recall import FutureAttention, RecallResult, future_attention_recall
+from ..recording import RecordedLayer
 
 
 def replay_recall(
@@ -28,32 +28,5 @@ def replay_recall(
     step: int = 512,
 ) -> RecallResult:
     """Recall of the policy behind ``make_cache`` while the document is read."""
-    trace = []
-
-    def after_block(caches: list[EvictingKVCache]) -> None:
-        if all(c.n_new == 0 for c in caches):
-            trace.append(snapshot(caches))
-
-    caches = replay(layers, scale, make_cache, upto=future.doc_length, step=step, on_block=after_block)
-    if evict_now(caches):  # the step at the document's end, before the question
-        trace.append(snapshot(caches))
+    trace, _ = replay_kept_sets(layers, scale, make_cache, future.doc_length, step)
     return future_attention_recall(future, trace)
-
-
-def item_recalls(
-    model: Any,
-    tokenizer: Any,
-    item: Mapping[str, Any],
-    policies: Mapping[str, Callable[[int], EvictingKVCache]],
-    step: int = 512,
-) -> dict[str, RecallResult]:
-    """Recall of every policy on ``item``. policies: name -> ``make_cache(doc_length)``
-    (the document's length lets a budget be a share of it)."""
-    tokens, doc_length = item_tokens(tokenizer, item)
-    caches = record_full_cache(model, tokens, step, split=doc_length)
-    layers, scale = recorded_layers(caches), caches[0].scale
-    results = {}
-    future = future_attention_from_caches(list(caches), doc_length, step)
-    for name, factory in policies.items():
-        results[name] = replay_recall(layers, scale, future, lambda: factory(doc_length), step)
-    return results

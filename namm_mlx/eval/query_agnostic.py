@@ -195,7 +195,20 @@ def replay_document(
     approximation after its first step (later tokens' keys and queries come
     from the full cache, not from the evicted one).
     """
-    from ..recording import recorded_layers, replay
+    from ..recording import recorded_layers
+
+    return replay_kept_sets(
+        recorded_layers(recorded), recorded[0].scale, lambda: EvictingKVCache(scorer, max_kv_size=max_kv_size),
+        document_length, step,
+    )
+
+
+def replay_kept_sets(
+    layers: Sequence[Any], scale: float, make_cache: Any, document_length: int, step: int = 512
+) -> tuple[list[KeptSnapshot], list[EvictingKVCache]]:
+    """:func:`replay_document` on recorded ``(keys, values, queries)`` layers
+    (any subset of a model's layers) and caches from ``make_cache()``."""
+    from ..recording import replay
     from .recall import snapshot
 
     trace: list[KeptSnapshot] = []
@@ -204,10 +217,7 @@ def replay_document(
         if all(c.n_new == 0 for c in caches):
             trace.append(snapshot(caches))
 
-    caches = replay(
-        recorded_layers(recorded), recorded[0].scale, lambda: EvictingKVCache(scorer, max_kv_size=max_kv_size),
-        upto=document_length, step=step, on_block=after_block,
-    )
+    caches = replay(layers, scale, make_cache, upto=document_length, step=step, on_block=after_block)
     if evict_now(caches) or not trace:
         trace.append(snapshot(caches))
     return trace, caches
