@@ -38,7 +38,7 @@ def test_distill_writes_a_namm_with_its_provenance_and_reuses_recordings(tmp_pat
     records = list((tmp_path / "d-records").glob("*.npz"))
     assert len(records) == 1
     stamp = records[0].stat().st_mtime_ns
-    again = _namm(*args[:3], str(tmp_path / "e"), *args[3:], "--records", str(tmp_path / "d-records"), cwd=tmp_path)
+    again = _namm(*args[:2], str(tmp_path / "e"), *args[3:], "--records", str(tmp_path / "d-records"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert records[0].stat().st_mtime_ns == stamp, "the recording is reused, not redone"
 
