@@ -247,15 +247,30 @@ def bomb_checkpoint(path: Path, inflated: int = (4 << 30) - 16) -> Path:
     return path
 
 
+# Peak RSS in KiB of this process image only: Linux's ru_maxrss survives exec, so a
+# child forked from a pytest that holds a model would report the parent's size;
+# VmHWM belongs to the new image. (macOS has no /proc; its ru_maxrss is in bytes.)
 MEASURE = """
 import resource, sys, time
 from namm_mlx.convert import ConversionError, convert_checkpoint
 from namm_mlx.checkpoint import CheckpointError
+
+def peak_kib():
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss // 1024 if sys.platform == "darwin" else rss
+
 start = time.perf_counter()
 try:
     convert_checkpoint(sys.argv[1], sys.argv[2])
 except (CheckpointError, ConversionError) as err:
-    print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, str(err))
+    print(time.perf_counter() - start, peak_kib(), str(err))
 """
 
 
