@@ -80,7 +80,9 @@ def test_generation_fitness_normalises_by_the_full_cache(generation):
 
 
 def test_replay_fitness_agrees_with_the_online_likelihood(fitness):
-    options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1", "tasks": "passkey"}
+    # the online likelihood fitness keeps the question in the prompt; so does protocol=aware
+    options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1", "tasks": "passkey",
+               "protocol": "aware"}
     replay = make_fitness("replay", 4172, options=options)
     replay.norm = fitness.norm if fitness.norm is not None else fitness.calibrate()
     items = replay.items_for(1)
@@ -114,3 +116,29 @@ def test_a_fixed_budget_makes_every_member_keep_the_same_share(fitness):
     assert len(kept) == 1 and kept.pop() < 0.75, results
     # the members differ only in which tokens they keep
     assert results[0]["quality"] != results[1]["quality"]
+
+
+def test_the_agnostic_replay_never_lets_a_step_see_the_question(fitness):
+    from namm_mlx.eval.query_agnostic import split_prompt
+    from namm_mlx.evolve.replay import replay_caches
+
+    options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1",
+               "tasks": "passkey", "budget": "0.5"}
+    agnostic = make_fitness("replay", 4172, options=options)  # protocol=agnostic is the default
+    agnostic.norm = fitness.norm if fitness.norm is not None else fitness.calibrate()
+    item = agnostic.items_for(1)[0]
+    other = {**item, "_id": item["_id"] + "-other-question", "input": "Which city is named first in the document?"}
+    split = split_prompt(agnostic.tokenizer, item)
+    recording = agnostic.recording(item)
+    assert recording.length == len(split.document) == recording.document_length
+    assert recording.tail[: len(split.question)] == split.question
+    scorer = agnostic.scorer_for(np.random.default_rng(2).normal(0, 0.065, 4172))
+    kept = []
+    for it in (item, other):
+        rec = agnostic.recording(it)
+        caches = replay_caches(rec, scorer, max_kv_size=agnostic.max_kv_size(rec.length))
+        kept.append([np.asarray(c.positions()) for c in caches])
+    assert all(np.array_equal(a, b) for a, b in zip(*kept)), "the kept set depends on the question"
+    assert max(k.shape[-1] for k in kept[0]) <= agnostic.max_kv_size(recording.length)
+    result = agnostic.evaluate(np.zeros(4172), [item])
+    assert 0.0 < result["quality"] <= 1.5 and result["kept_fraction"] <= 0.5 + 1 / 16

@@ -1,0 +1,222 @@
+"""Replayed question answering: task scores for many items at the cost of one prefill each.
+
+`namm eval` runs every policy's prefill through the model, so a 2,048-token item
+costs a minute per policy on this CPU. Here each item's document (split as
+`namm chat` splits it: query-agnostic) runs once through the full cache while
+every layer's keys, values and queries are recorded. Each policy then replays
+the recording through real evicting caches at a fixed budget (steps every 512
+tokens and one at the document's end, as online; namm_mlx.eval.query_agnostic.
+replay_kept_sets), and from the compressed caches the model
+
+- answers the question greedily (the task score, as `namm eval` scores it),
+- teacher-forces the reference answer (its mean log-probability, against the
+  full cache's through the same path: a dense score in (0, ~1]),
+
+and the kept sets say how much of the answer's own tokens in the document
+survived (``fact_kept``: share over layers and KV heads; ``fact_whole``: share of
+(layer, head) pairs that kept every answer token).
+
+The approximation is kvpress's: after a policy's first step, later tokens'
+keys and queries come from the full cache, not from the evicted one. One-shot
+policies are exact. Rows append to a JSONL file (resumable, item-major).
+
+    python docs/scripts/replayed_qa.py OUT.jsonl [--namm NAME=DIR,...] [--tasks ...] [--lengths 2048]
+        [--limit 4] [--seed 0] [--budgets 0.25,0.5,1024] [--policies h2o,tova,...]
+    python docs/scripts/replayed_qa.py OUT.jsonl --summary
+"""
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+BASELINES = "h2o,tova,snapkv,knorm,streaming,random"
+TASKS = "needle,multi_needle,passkey,kjv_verse,chapter"
+
+
+def find_positions(document: list[int], answer_tokens: list[list[int]]) -> list[int]:
+    """Document positions of the first occurrence of each answer's tokens."""
+    found: list[int] = []
+    for tokens in answer_tokens:
+        n = len(tokens)
+        for start in range(len(document) - n + 1):
+            if document[start : start + n] == tokens:
+                found.extend(range(start, start + n))
+                break
+    return found
+
+
+def answer_positions(tokenizer, document: list[int], answers: list[str]) -> list[int]:
+    from namm_mlx.eval.prompts import encode
+
+    positions: list[int] = []
+    for a in answers:
+        for variant in (" " + a, a):
+            hit = find_positions(document, [encode(tokenizer, variant)])
+            if hit:
+                positions.extend(hit)
+                break
+    return sorted(set(positions))
+
+
+def fact_survival(caches, positions: list[int]) -> tuple[float | None, float | None]:
+    if not positions:
+        return None, None
+    wanted = np.asarray(positions)
+    kept_share, whole = [], []
+    for c in caches:
+        pos = np.asarray(c.positions())[0]  # [H, L]
+        for head in pos:
+            hit = np.isin(wanted, head)
+            kept_share.append(hit.mean())
+            whole.append(float(hit.all()))
+    return float(np.mean(kept_share)), float(np.mean(whole))
+
+
+def answer_logprob(model, caches, question: list[int], answer: list[int]) -> float:
+    from namm_mlx.policies import FullScorer
+
+    forks = [c.fork(FullScorer()) for c in caches]
+    logits = model(mx.array([question + answer[:-1]]), cache=forks)[0, len(question) - 1 :].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logp, mx.array(answer)[:, None], axis=-1)
+    return float(picked.mean().item())
+
+
+def generate(model, tokenizer, caches, question: list[int], limit: int) -> str:
+    import mlx_lm
+
+    text = ""
+    for response in mlx_lm.stream_generate(model, tokenizer, question, max_tokens=limit, prompt_cache=caches):
+        text += response.text
+    return text
+
+
+def summary(path: Path) -> None:
+    from namm_mlx.eval.bootstrap import bootstrap_interval
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["length"], str(r["budget"]), r["policy"])].append(r)
+    print("| length | budget | policy | items | score (95% interval) | answer likelihood vs full | fact tokens kept | fact whole |")
+    print("|---|---|---|---|---|---|---|---|")
+    order = lambda kv: (kv[0][0], kv[0][1], -np.mean([r["score"] for r in kv[1]]), -np.mean([r["ratio"] for r in kv[1]]))
+    for (length, budget, policy), rs in sorted(by.items(), key=order):
+        scores = [100 * r["score"] for r in rs]
+        low, high = bootstrap_interval([scores]) if len(scores) > 1 else (scores[0], scores[0])
+        facts = [r["fact_kept"] for r in rs if r["fact_kept"] is not None]
+        whole = [r["fact_whole"] for r in rs if r["fact_whole"] is not None]
+        print(
+            f"| {length} | {budget} | {policy} | {len(rs)} | {np.mean(scores):.1f} ({low:.1f}-{high:.1f}) | "
+            f"{np.mean([r['ratio'] for r in rs]):.3f} | {np.mean(facts) if facts else float('nan'):.3f} | "
+            f"{np.mean(whole) if whole else float('nan'):.3f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
+    parser.add_argument("--policies", default=BASELINES)
+    parser.add_argument("--tasks", default=TASKS)
+    parser.add_argument("--lengths", default="2048")
+    parser.add_argument("--limit", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budgets", default="0.25,0.5,1024")
+    args = parser.parse_args()
+    if args.summary:
+        return summary(args.out)
+
+    from namm_mlx.cache import EvictingKVCache
+    from namm_mlx.eval.likelihood import reference_answer
+    from namm_mlx.eval.metrics import max_new_tokens, score_prediction
+    from namm_mlx.eval.prompts import encode
+    from namm_mlx.eval.query_agnostic import replay_kept_sets, split_prompt
+    from namm_mlx.eval.tasks import TextSource, make_items
+    from namm_mlx.hook import install_hook
+    from namm_mlx.models import load_model
+    from namm_mlx.namm import NAMM
+    from namm_mlx.policies import FullScorer, make_scorer
+    from namm_mlx.recording import record_full_cache, recorded_layers
+
+    namms = {k: NAMM.load(v) for k, v in (a.split("=", 1) for a in args.namm.split(",") if a)}
+    policies = [p for p in args.policies.split(",") if p] + list(namms)
+    budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
+    done = set()
+    if args.out.exists():
+        for line in args.out.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["item"], r["policy"], str(r["budget"])))
+    model, tok = load_model(None, dtype="float32")
+    items = make_items(args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.limit, args.seed,
+                       TextSource.from_cache(), tok)
+    install_hook()
+    for item in items:
+        todo = [("full", "-")] + [(p, b) for p in policies for b in budgets]
+        todo = [(p, b) for p, b in todo if (item["_id"], p, str(b)) not in done]
+        if not todo:
+            continue
+        split = split_prompt(tok, item)
+        doc_len = len(split.document)
+        answer = encode(tok, reference_answer(item))
+        facts = answer_positions(tok, split.document, [str(a) for a in item["answers"]])
+        start = time.time()
+        recorded = record_full_cache(model, split.document, 512)
+        layers, scale = recorded_layers(recorded), recorded[0].scale
+        del recorded
+        limit = max_new_tokens(item["dataset"])
+
+        def run(scorer, size):
+            _, caches = replay_kept_sets(layers, scale, lambda: EvictingKVCache(scorer, max_kv_size=size), doc_len)
+            return caches
+
+        full = run(FullScorer(), None)
+        full_lp = answer_logprob(model, full, split.question, answer)
+        print(f"{item['_id']}: doc {doc_len} tokens, facts at {len(facts)} positions, recorded in "
+              f"{time.time() - start:.0f}s, full answer log-prob {full_lp:.3f}", flush=True)
+        for policy, budget in todo:
+            if policy == "full":
+                scorer, size = FullScorer(), None
+            else:
+                size = int(budget if budget > 1 else math.ceil(budget * doc_len))
+            if policy == "full":
+                pass
+            elif policy in namms:
+                scorer = make_scorer("namm", namm=namms[policy], ranked=True)
+            else:
+                scorer = make_scorer(policy, interval=512, **({"seed": args.seed} if policy == "random" else {}))
+            t0 = time.time()
+            caches = run(scorer, size)
+            replay_seconds = time.time() - t0
+            kept, whole = fact_survival(caches, facts)
+            kept_fraction = float(np.mean([c.length / c.offset for c in caches]))
+            lp = answer_logprob(model, caches, split.question, answer)
+            text = generate(model, tok, caches, split.question, limit)
+            score = score_prediction(item["dataset"], text, item["answers"], item.get("all_classes"))
+            row = {
+                "item": item["_id"], "task": item["dataset"], "length": item["length"], "doc_tokens": doc_len,
+                "policy": policy, "budget": budget, "kept_fraction": kept_fraction, "score": score,
+                "prediction": text, "logprob": lp, "full_logprob": full_lp, "ratio": math.exp(min(lp - full_lp, 50.0)),
+                "fact_kept": kept, "fact_whole": whole, "replay_seconds": round(replay_seconds, 2),
+                "seconds": round(time.time() - t0, 2),
+            }
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"  {policy:10s} {str(budget):5s} score {score:.2f} ratio {row['ratio']:.3f} facts "
+                  f"{kept if kept is None else round(kept, 3)} / {whole if whole is None else round(whole, 3)} "
+                  f"({row['seconds']:.0f}s) {text[:40]!r}", flush=True)
+            del caches
+        del layers, full
+        mx.clear_cache()
+
+
+if __name__ == "__main__":
+    main()
