@@ -78,6 +78,30 @@ def fact_survival(caches, positions: list[int]) -> tuple[float | None, float | N
     return float(np.mean(kept_share)), float(np.mean(whole))
 
 
+def pooled(scorer, kernel: int):
+    """``scorer`` with every step's scores max-pooled over ``kernel`` neighbouring
+    slots: a token is kept when any neighbour is, so whole numbers and words
+    survive together (SnapKV pools its attention the same way)."""
+    import dataclasses
+
+    inner, half = scorer.score, kernel // 2
+
+    def score(context):
+        s = inner(context)
+        x = s.scores
+        pad = mx.full((*x.shape[:-1], half), -mx.inf, dtype=x.dtype)
+        padded = mx.concatenate([pad, x, pad], axis=-1)
+        n = x.shape[-1]
+        out = x
+        for shift in range(kernel):
+            out = mx.maximum(out, padded[..., shift : shift + n])
+        # ties broken towards the token's own score, so the pooled order is stable
+        return dataclasses.replace(s, scores=out + 1e-6 * x)
+
+    scorer.score = score
+    return scorer
+
+
 def answer_logprob(model, caches, question: list[int], answer: list[int]) -> float:
     from namm_mlx.policies import FullScorer
 
@@ -124,7 +148,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
-    parser.add_argument("--policies", default=BASELINES)
+    parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots")
     parser.add_argument("--tasks", default=TASKS)
     parser.add_argument("--lengths", default="2048")
     parser.add_argument("--limit", type=int, default=4)
@@ -183,16 +207,19 @@ def main() -> None:
         print(f"{item['_id']}: doc {doc_len} tokens, facts at {len(facts)} positions, recorded in "
               f"{time.time() - start:.0f}s, full answer log-prob {full_lp:.3f}", flush=True)
         for policy, budget in todo:
+            base, _, pool = policy.partition("+p")
             if policy == "full":
                 scorer, size = FullScorer(), None
             else:
                 size = int(budget if budget > 1 else math.ceil(budget * doc_len))
             if policy == "full":
                 pass
-            elif policy in namms:
-                scorer = make_scorer("namm", namm=namms[policy], ranked=True)
+            elif base in namms:
+                scorer = make_scorer("namm", namm=namms[base], ranked=True)
             else:
-                scorer = make_scorer(policy, interval=512, **({"seed": args.seed} if policy == "random" else {}))
+                scorer = make_scorer(base, interval=512, **({"seed": args.seed} if base == "random" else {}))
+            if pool:
+                scorer = pooled(scorer, int(pool))
             t0 = time.time()
             caches = run(scorer, size)
             replay_seconds = time.time() - t0
