@@ -130,9 +130,9 @@ def summary(path: Path) -> None:
         by[(r["length"], str(r["budget"]), r["policy"])].append(r)
     print("| length | budget | policy | items | score (95% interval) | answer likelihood vs full | fact tokens kept | fact whole |")
     print("|---|---|---|---|---|---|---|---|")
-    order = lambda kv: (kv[0][0], kv[0][1], -np.mean([r["score"] for r in kv[1]]), -np.mean([r["ratio"] for r in kv[1]]))
+    order = lambda kv: (kv[0][0], kv[0][1], -np.mean([r["score"] or 0 for r in kv[1]]), -np.mean([r["ratio"] for r in kv[1]]))
     for (length, budget, policy), rs in sorted(by.items(), key=order):
-        scores = [100 * r["score"] for r in rs]
+        scores = [100 * r["score"] for r in rs if r["score"] is not None] or [float("nan")]
         low, high = bootstrap_interval([scores]) if len(scores) > 1 else (scores[0], scores[0])
         facts = [r["fact_kept"] for r in rs if r["fact_kept"] is not None]
         whole = [r["fact_whole"] for r in rs if r["fact_whole"] is not None]
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budgets", default="0.25,0.5,1024")
+    parser.add_argument("--no-generate", action="store_true", help="likelihood and fact survival only (score: null)")
     args = parser.parse_args()
     if args.summary:
         return summary(args.out)
@@ -226,8 +227,11 @@ def main() -> None:
             kept, whole = fact_survival(caches, facts)
             kept_fraction = float(np.mean([c.length / c.offset for c in caches]))
             lp = answer_logprob(model, caches, split.question, answer)
-            text = generate(model, tok, caches, split.question, limit)
-            score = score_prediction(item["dataset"], text, item["answers"], item.get("all_classes"))
+            if args.no_generate:
+                text, score = None, None
+            else:
+                text = generate(model, tok, caches, split.question, limit)
+                score = score_prediction(item["dataset"], text, item["answers"], item.get("all_classes"))
             row = {
                 "item": item["_id"], "task": item["dataset"], "length": item["length"], "doc_tokens": doc_len,
                 "policy": policy, "budget": budget, "kept_fraction": kept_fraction, "score": score,
@@ -237,9 +241,9 @@ def main() -> None:
             }
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"  {policy:10s} {str(budget):5s} score {score:.2f} ratio {row['ratio']:.3f} facts "
+            print(f"  {policy:10s} {str(budget):5s} score {score} ratio {row['ratio']:.3f} facts "
                   f"{kept if kept is None else round(kept, 3)} / {whole if whole is None else round(whole, 3)} "
-                  f"({row['seconds']:.0f}s) {text[:40]!r}", flush=True)
+                  f"({row['seconds']:.0f}s) {(text or '')[:40]!r}", flush=True)
             del caches
         del layers, full
         mx.clear_cache()
