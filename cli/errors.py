@@ -13,16 +13,17 @@ from typing import Iterator
 
 import typer
 
-from namm_mlx.namm import NAMMFormatError
+from namm_mlx.errors import NammError
 
 #: Exceptions that carry a user-facing message. Others are bugs and keep their traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (NAMMFormatError, FileNotFoundError, IsADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (NammError, FileNotFoundError, IsADirectoryError)
 
 
 def register(*errors: type[BaseException]) -> None:
-    """Add library error types whose messages are meant for users."""
+    """Also treat ``errors`` as user-facing: only for error classes that do not
+    derive from :class:`~namm_mlx.errors.NammError` yet (a no-op for those that do)."""
     global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + tuple(e for e in errors if e not in USER_ERRORS)
+    USER_ERRORS = USER_ERRORS + tuple(e for e in errors if not issubclass(e, USER_ERRORS))
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":

@@ -6,14 +6,17 @@ an already loaded model. The memory model itself is :class:`NAMM`.
 """
 
 from .integration import attach, detach, load
-from .cache import EvictingKVCache, EvictionContext, Scorer, Scores, UnsupportedModelError
+from .cache import EvictingKVCache, UnsupportedModelError
 from .config import NAMMConfig
+from .errors import NammError
 from .namm import NAMM, NAMMFormatError, StepResult, TokenState
+from .policies.base import EvictionContext, Scorer, Scores
 
 __all__ = [
     "NAMM",
     "NAMMConfig",
     "NAMMFormatError",
+    "NammError",
     "StepResult",
     "TokenState",
     "EvictingKVCache",

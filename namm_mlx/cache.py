@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask, quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import _BaseCache
 
 from . import quantized
-from .attention import attention_probabilities, attention_with_probabilities
+from .attention import attention_with_probabilities
+from .errors import NammError
+from .policies.base import EvictionContext, Scorer, Scores, scorer_from_spec  # noqa: F401  (Scores: re-exported)
 from .selection import gather_tokens, protect_newest, top_k_in_order
 
 
@@ -42,96 +43,8 @@ from .selection import gather_tokens, protect_newest, top_k_in_order
 _QUANTIZED_KERNEL = mx.default_device() == mx.gpu
 
 
-class UnsupportedModelError(RuntimeError):
+class UnsupportedModelError(NammError, RuntimeError):
     """The model's attention cannot be observed or evicted by the NAMM cache."""
-
-
-@dataclass
-class EvictionContext:
-    """What a scorer sees at an eviction step for one layer.
-
-    keys: ``[B, H, N, D]`` post-RoPE keys of every slot (old kept slots first,
-    then the ``n_new`` slots appended since the last step; de-quantised when
-    the cache stores them quantised). positions:
-    ``[B, H, N]`` absolute positions. state: the scorer's per-token arrays for
-    the ``N - n_new`` old slots, as it returned them last time (empty at the
-    first step). offset: tokens seen so far.
-    """
-
-    keys: mx.array
-    positions: mx.array
-    n_new: int
-    offset: int
-    state: list[mx.array]
-    queries: mx.array | None = None  # [B, Hq, n, D] buffered queries, newest last
-    scale: float | None = None
-    #: how many of the newest buffered queries no earlier step has seen (the
-    #: rest were retained across a step for a scorer's ``retain_queries``)
-    new_queries: int = 0
-    #: ``[B, H, n, N]`` GQA-averaged probabilities of the ``n`` newest queries,
-    #: taken from the forward that completed the block (None: not available),
-    #: rounded as ``probabilities_dtype`` says.
-    probabilities: mx.array | None = None
-    probabilities_dtype: str = "float32"
-
-    def attention(self, rows: int | None = None, dtype: str = "float32") -> mx.array:
-        """GQA-averaged attention ``[B, H, rows, N]`` of the newest ``rows``
-        buffered queries (all of them when ``None``): the forward's own when it
-        covers them, otherwise recomputed from the buffered queries."""
-        taken = self.probabilities
-        wanted = rows
-        if wanted is None:
-            wanted = self.queries.shape[2] if self.queries is not None else None if taken is None else taken.shape[2]
-        if taken is not None and dtype == self.probabilities_dtype and wanted is not None and wanted <= taken.shape[2]:
-            return taken[:, :, taken.shape[2] - wanted :]
-        if self.queries is None:
-            raise RuntimeError("this scorer did not ask the cache to buffer queries")
-        return attention_probabilities(self.queries, self.keys, self.scale, rows, dtype)
-
-
-@dataclass
-class Scores:
-    """A scorer's verdict for one layer.
-
-    scores: ``[B, H, N]``, higher = more worth keeping (the newest slot is
-    always kept regardless). state: per-token arrays ``[B, H, N, ...]`` to carry
-    to the next step (gathered with the kept slots). keep: tokens per head the
-    scorer wants to keep (``None``: all of them, unless a budget applies).
-    """
-
-    scores: mx.array
-    state: list[mx.array] = field(default_factory=list)
-    keep: int | None = None
-
-
-class Scorer(Protocol):
-    """A token-importance policy for :class:`EvictingKVCache`.
-
-    Attributes: ``interval`` (tokens between steps), ``granularity`` (a step
-    needs a multiple of this many new tokens), ``needs_queries`` (buffer the
-    queries so ``EvictionContext.attention`` works) and optionally
-    ``query_rows`` (only the newest this many queries are ever needed) and
-    ``retain_queries`` (keep the newest this many queries across a step that
-    evicted nothing, so a later one-shot policy forked from this cache still
-    sees the prompt's last queries; see :meth:`EvictingKVCache.fork`) and
-    ``attention_dtype`` (how :meth:`EvictionContext.attention` will be asked
-    to round the probabilities; the cache prepares them that way during the
-    forward that completes a block, default ``"float32"``).
-    """
-
-    interval: int
-    granularity: int
-    needs_queries: bool
-
-    def score(self, context: EvictionContext) -> Scores: ...
-
-    def spec(self) -> dict[str, Any]:
-        """JSON-able description, with ``"policy"`` naming the registered class."""
-        ...
-
-    def arrays(self) -> dict[str, mx.array]:
-        """Arrays needed to rebuild the scorer (e.g. the NAMM weights)."""
-        ...
 
 
 class EvictingKVCache(_BaseCache):
@@ -371,11 +284,12 @@ class EvictingKVCache(_BaseCache):
         """A new cache holding this one's tokens and buffered queries, under
         ``scorer`` and its own budget; this cache is left untouched.
 
-        One prefill can then serve many one-shot policies (the evaluation forks
-        one full prefill per policy and budget and runs ``evict_now`` on each).
-        The scorer state is carried only to a scorer of the same policy (an
-        H2O fork continues the attention sums an H2O prefill accumulated);
-        other baselines need none, and H2O starts a foreign fork from zero sums.
+        One prefill can then serve many one-shot policies: fork it once per
+        policy and budget and run ``evict_now`` on each fork. The scorer state
+        is carried only to a scorer of the same policy (an H2O fork continues
+        the attention sums an H2O prefill accumulated); a policy that
+        ``needs_own_state`` cannot be forked from another policy's cache, and
+        the others start without state.
         """
         rows = getattr(scorer, "query_rows", None)
         if scorer.needs_queries and rows is not None and self.num_queries < min(rows, self.offset):
@@ -396,8 +310,10 @@ class EvictingKVCache(_BaseCache):
         other.kept_positions = self.kept_positions
         other.last_step_offset, other.steps, other.scale = self.last_step_offset, self.steps, self.scale
         same_policy = scorer.spec().get("policy") == self.scorer.spec().get("policy")
-        if not same_policy and self.scorer_state and getattr(scorer, "name", "") == "namm":
-            raise ValueError("a NAMM needs its own carried state: fork a NAMM cache only from a NAMM cache")
+        if not same_policy and self.scorer_state and getattr(scorer, "needs_own_state", False):
+            raise ValueError(
+                f"a {type(scorer).__name__} needs its own carried state: fork it only from a cache of its own policy"
+            )
         other.scorer_state = list(self.scorer_state) if same_policy else []
         return other
 
@@ -523,8 +439,6 @@ class EvictingKVCache(_BaseCache):
 
     @state.setter
     def state(self, value: list[Any]) -> None:
-        from .policies import scorer_from_spec
-
         value = list(value)
         meta = json.loads(value[-1])
         self.keys, self.values, self.kept_positions, self.queries = value[:4]

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import mlx.core as mx
 import numpy as np
 
+from .errors import NammError, describe
 from .checkpoint import CheckpointError, read_reference_checkpoint, write_reference_checkpoint
 from .config import NAMMConfig
 from .namm import CONFIG_FILE, NAMM, WEIGHTS_FILE
@@ -55,7 +56,7 @@ _NORM_KEYS = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(NammError, ValueError):
     """Input or output of a conversion that cannot be used; the message is one line for users."""
 
     def __init__(self, message: str) -> None:
@@ -107,18 +108,13 @@ def _require_file(path: Path, what: str) -> None:
         raise ConversionError(f"{what} not found: {path}")
 
 
-def _describe(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as float/int numpy arrays (bf16/fp16 widened)."""
     try:
         tensors = mx.load(str(path), format="safetensors")
     except Exception as err:  # mlx raises RuntimeError/ValueError on damaged files
         raise ConversionError(
-            f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {_describe(err)}"
+            f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {describe(err)}"
         ) from None
     out = {}
     for name, value in tensors.items():
@@ -132,7 +128,7 @@ def _numpy_error(path: Path, what: str, err: BaseException) -> ConversionError:
     """One line for a numpy file numpy cannot read; pickled content is named as refused."""
     if isinstance(err, ValueError) and "allow_pickle" in str(err):
         return ConversionError(f"refused to load {path.name}: it holds pickled objects, not numbers")
-    return ConversionError(f"{path.name} is not a readable {what} (truncated or corrupt?): {_describe(err)}")
+    return ConversionError(f"{path.name} is not a readable {what} (truncated or corrupt?): {describe(err)}")
 
 
 #: Largest array a conversion input may declare (a flat NAMM vector is 17 kB; a
@@ -389,7 +385,7 @@ def convert_checkpoint(
     try:
         namm.save(out, metadata=source.provenance)
     except OSError as err:
-        raise ConversionError(f"cannot write {out}: {_describe(err)}") from None
+        raise ConversionError(f"cannot write {out}: {describe(err)}") from None
     namm.metadata = dict(source.provenance)
     return namm
 
@@ -430,7 +426,7 @@ def export_checkpoint(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConversionError(f"cannot create {out.parent}: {_describe(err)}") from None
+        raise ConversionError(f"cannot create {out.parent}: {describe(err)}") from None
     write_reference_checkpoint(
         out,
         namm.to_flat(),

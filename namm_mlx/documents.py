@@ -20,7 +20,8 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text", ""}
+from .errors import NammError
+
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
 #: Formats people have that are not text; each gets one line saying what to do.
@@ -39,7 +40,7 @@ MAX_CONTROL_SHARE = 0.05
 _CONTROL = frozenset(range(32)) - {9, 10, 11, 12, 13, 27} | {127}
 
 
-class DocumentError(ValueError):
+class DocumentError(NammError, ValueError):
     """The document cannot be used; the message says why and what to do."""
 
 

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
+from .errors import NammError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -85,7 +87,7 @@ GLOBAL_TENSOR_NAMES = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(NammError, ValueError):
     """A model file or folder that cannot be found, trusted, read or converted."""
 
 
@@ -262,14 +264,6 @@ def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(n_heads * head_dim, *rest)
 
 
-def permute_rows(w: mx.array, n_heads: int) -> mx.array:
-    """llama.cpp's Q/K permutation (the inverse of ``unpermute_rows``); used by tests."""
-    rest = w.shape[1:]
-    head_dim = w.shape[0] // n_heads
-    w = w.reshape(n_heads, 2, head_dim // 2, *rest).swapaxes(1, 2)
-    return w.reshape(n_heads * head_dim, *rest)
-
-
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -422,5 +416,4 @@ __all__ = [
     "tokenizer_config",
     "hf_tensor_name",
     "unpermute_rows",
-    "permute_rows",
 ]

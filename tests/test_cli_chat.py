@@ -19,10 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
-from namm_mlx import NAMM
 
 DATA = Path(__file__).parent / "data"
 FACT = "\n\nNote from the editor: the secret code of the library is 7314.\n\n"
@@ -41,9 +39,8 @@ def run_namm(*args: str, stdin: str | None = None, timeout: float = 600) -> subp
 
 
 @pytest.fixture(scope="module")
-def namm_dir(reference_dir, tmp_path_factory) -> Path:
-    e = {k: np.asarray(v) for k, v in mx.load(str(reference_dir / "expected_conversion_tiny.safetensors")).items()}
-    return NAMM.from_flat(e["param_vector"], e["norm.mean"], e["norm.var"]).save(tmp_path_factory.mktemp("namm") / "n")
+def namm_dir(reference_namm, tmp_path_factory) -> Path:
+    return reference_namm.save(tmp_path_factory.mktemp("namm") / "n")
 
 
 def document(tmp_path: Path, chars: int) -> Path:
@@ -54,6 +51,7 @@ def document(tmp_path: Path, chars: int) -> Path:
     return path
 
 
+@pytest.mark.real_model
 def test_generate_finds_planted_fact(tmp_path, namm_dir):
     doc = document(tmp_path, 16000)  # ~4k tokens
     cache_file = tmp_path / "doc-cache.safetensors"
@@ -73,6 +71,7 @@ def test_generate_finds_planted_fact(tmp_path, namm_dir):
     assert "7314" in second.stdout, second.stdout
 
 
+@pytest.mark.real_model
 def test_chat_answers_two_questions_without_rereading(tmp_path):
     doc = document(tmp_path, 6000)
     saved = tmp_path / "session.safetensors"
@@ -94,6 +93,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.real_model
 def test_serve_answers_chat_completions(namm_dir):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

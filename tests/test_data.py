@@ -168,21 +168,21 @@ def test_load_text_reads_cache_and_aliases(monkeypatch, tmp_path):
 
 def test_fetch_without_apt_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("NAMM_MLX_CACHE", str(tmp_path))
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get not found"):
         fetch_texts(["mobydick"], route="debian")
 
 
 def test_fetch_missing_package_lists_suggests_update(monkeypatch, tmp_path):
     monkeypatch.setenv("NAMM_MLX_CACHE", str(tmp_path))
-    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
 
     def fake_run(cmd, **kw):
         return subprocess.CompletedProcess(
             cmd, 100, "", "E: Unable to locate package r-cran-tokenizers\n"
         )
 
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(DataError, match="apt-get update") as err:
         fetch_texts(["mobydick"], route="debian")
     assert "\n" not in str(err.value)
@@ -238,7 +238,7 @@ def test_fetch_from_deb_dir(monkeypatch, tmp_path, with_dpkg):
     debs.mkdir()
     _fake_austen_deb(debs / "r-cran-janeaustenr_1.0.0-1_all.deb")
     if not with_dpkg:
-        monkeypatch.setattr(data.shutil, "which", lambda name: None)
+        monkeypatch.setattr(shutil, "which", lambda name: None)
     paths = fetch_texts(["emma"], deb_dir=debs)
     assert set(paths) == set(data.SOURCES["austen"].texts)
     assert load_text("pride_and_prejudice") == (

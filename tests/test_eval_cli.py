@@ -29,6 +29,7 @@ def _table_rows(output: str) -> dict[tuple[str, str], list[str]]:
     return rows
 
 
+@pytest.mark.real_model
 def test_eval_passkey_full_vs_knorm(tmp_path):
     """The question-aware protocol (the default before issue 12), end to end."""
     out = tmp_path / "run"
@@ -68,6 +69,7 @@ def test_eval_passkey_full_vs_knorm(tmp_path):
     assert _table_rows(again.stdout) == rows
 
 
+@pytest.mark.real_model
 def test_eval_longbench_jsonl(tmp_path):
     facts = " ".join(f"Fact {i}: the tower of Quexville has {i + 3} bells." for i in range(60))
     rows = [
@@ -97,6 +99,7 @@ def test_eval_longbench_jsonl(tmp_path):
     assert results["config"]["data"] == [str(data)]
 
 
+@pytest.mark.real_model
 def test_eval_query_agnostic_namm_and_baseline_at_one_budget(tmp_path):
     """The default protocol end to end: the shipped NAMM (ranked) and H2O keep the
     same number of tokens of the document, every pair has its recall, the table

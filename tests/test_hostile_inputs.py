@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from namm_mlx import checkpoint as ckpt
+from namm_mlx.checkpoint import writer as ckpt
 from namm_mlx.config import NAMMConfig
 from namm_mlx.integration import as_scorer
 from namm_mlx.namm import NAMM, NAMMFormatError
@@ -314,6 +314,7 @@ def test_huge_document_is_refused_before_tokenising(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.real_model
 def test_one_stray_byte_is_replaced_not_mojibake(tmp_path):
     """The document helper's decoding, through the CLI: the stray byte is
     replaced and counted, the rest stays UTF-8 ("café", not "cafÃ©")."""
@@ -382,6 +383,7 @@ def test_namm_settings_fingerprint_covers_weights_config_and_cap():
     assert namm_settings(scorer, None) == namm_settings(as_scorer(NAMM.load(DEFAULT_NAMM)), None)
 
 
+@pytest.mark.real_model
 def test_prompt_cache_is_reused_only_with_the_same_namm_settings(tmp_path, doc):
     cache = tmp_path / "doc.safetensors"
     first = run_namm("generate", "--doc", doc, "--prompt", "Say yes.", "--max-tokens", "2", "--prompt-cache-file", cache)
@@ -397,6 +399,7 @@ def test_prompt_cache_is_reused_only_with_the_same_namm_settings(tmp_path, doc):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.real_model
 def test_prompt_cache_with_a_damaged_namm_is_refused(tmp_path, doc):
     """The NAMM stored inside a prompt cache goes through the same validation."""
     cache = tmp_path / "doc.safetensors"
@@ -412,6 +415,7 @@ def test_prompt_cache_with_a_damaged_namm_is_refused(tmp_path, doc):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.real_model
 def test_chat_survives_a_failed_save(tmp_path, doc):
     good = tmp_path / "kept.safetensors"
     questions = "\n".join(
@@ -510,6 +514,7 @@ def _answered(port: int, max_tokens: int, content: str, deadline: float) -> floa
         time.sleep(0.05)
 
 
+@pytest.mark.real_model
 def test_server_stops_on_disconnect_caps_tokens_and_queues(tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard
 
-from namm_mlx import NAMM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO = "test-org/tiny-namm"
@@ -49,10 +48,9 @@ def publish_to_cache(hf_home: Path, repo_id: str, files: Path, revision: str = R
 
 
 @pytest.fixture(scope="module")
-def tiny_namm(reference_dir, tmp_path_factory) -> tuple[Path, np.ndarray]:
-    e = {k: np.asarray(v) for k, v in mx.load(str(reference_dir / "expected_conversion_tiny.safetensors")).items()}
-    folder = NAMM.from_flat(e["param_vector"], e["norm.mean"], e["norm.var"]).save(tmp_path_factory.mktemp("namm") / "n")
-    return folder, e["param_vector"]
+def tiny_namm(reference_namm, reference_conversion, tmp_path_factory) -> tuple[Path, np.ndarray]:
+    folder = reference_namm.save(tmp_path_factory.mktemp("namm") / "n")
+    return folder, reference_conversion["param_vector"]
 
 
 @pytest.fixture()

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from test_cli_chat import document, namm_dir, run_namm  # noqa: F401  (namm_dir is a fixture)
 
 from mlx_lm.models.cache import load_prompt_cache
 
 
+@pytest.mark.real_model
 def test_generate_with_kv_bits_answers_and_round_trips(tmp_path, namm_dir):  # noqa: F811
     doc = document(tmp_path, 5000)  # ~1.3k tokens: two NAMM steps
     cache_file = tmp_path / "doc-q8.safetensors"

@@ -24,7 +24,7 @@ import pytest
 
 from namm_mlx import gguf as gguf_mod
 from namm_mlx import models
-from namm_mlx.gguf import ModelError, convert_gguf, permute_rows, unpermute_rows
+from namm_mlx.gguf import ModelError, convert_gguf, unpermute_rows
 from namm_mlx.models import DEFAULT_MODEL, default_model_path, load_model, resolve_model_path
 
 # Opening of Pride and Prejudice (public domain), ~520 SmolLM2 tokens of plain prose.
@@ -109,6 +109,7 @@ def test_default_folder_has_the_expected_config(smollm2_path):
     assert resolve_model_path(DEFAULT_MODEL) == str(smollm2_path)
 
 
+@pytest.mark.real_model
 def test_tokenizer_matches_upstream_smollm2(smollm2):
     _, tokenizer = smollm2
     expected = [19556, 905, 28, 357, 506, 216, 34, 32, 34, 36, 17]  # upstream tokenizer.json
@@ -121,6 +122,7 @@ def test_tokenizer_matches_upstream_smollm2(smollm2):
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.real_model
 def test_greedy_answer_names_paris(smollm2):
     from mlx_lm import generate
 
@@ -132,6 +134,7 @@ def test_greedy_answer_names_paris(smollm2):
     assert "Paris" in answer
 
 
+@pytest.mark.real_model
 def test_prose_perplexity_is_sane(smollm2):
     """~30 with correct attention; hundreds if the Q/K permutation were left in place."""
     model, tokenizer = smollm2
@@ -194,6 +197,14 @@ def _tiny_hf_weights(arch: str, tied: bool, seed: int = 0) -> dict[str, mx.array
             for n, size in (("q", q), ("k", kv), ("v", kv)):
                 w[p + f"self_attn.{n}_proj.bias"] = rand(size)
     return w
+
+
+def permute_rows(w: mx.array, n_heads: int) -> mx.array:
+    """llama.cpp's Q/K permutation (the inverse of ``gguf.unpermute_rows``): how a GGUF stores Q and K."""
+    rest = w.shape[1:]
+    head_dim = w.shape[0] // n_heads
+    w = w.reshape(n_heads, 2, head_dim // 2, *rest).swapaxes(1, 2)
+    return w.reshape(n_heads * head_dim, *rest)
 
 
 def _to_gguf_tensors(hf: dict[str, mx.array], arch: str) -> dict[str, mx.array]:

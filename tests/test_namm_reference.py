@@ -53,8 +53,8 @@ def trajectory(reference_dir):
 
 
 @pytest.fixture(scope="module")
-def expected_tiny(reference_dir):
-    return {k: np.asarray(v) for k, v in mx.load(str(reference_dir / "expected_conversion_tiny.safetensors")).items()}
+def expected_tiny(reference_conversion):
+    return reference_conversion
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,21 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
 import namm_mlx
-from namm_mlx import NAMM, EvictingKVCache
+from namm_mlx import EvictingKVCache
+
+pytestmark = pytest.mark.real_model  # every test here loads the real SmolLM2
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
-def namm_dir(reference_dir, tmp_path_factory) -> Path:
+def namm_dir(reference_namm, tmp_path_factory) -> Path:
     """The reference checkpoint's NAMM (a real evolved-format vector), as a folder."""
-    e = {k: np.asarray(v) for k, v in mx.load(str(reference_dir / "expected_conversion_tiny.safetensors")).items()}
-    namm = NAMM.from_flat(e["param_vector"], e["norm.mean"], e["norm.var"])
-    return namm.save(tmp_path_factory.mktemp("namm") / "reference")
+    return reference_namm.save(tmp_path_factory.mktemp("namm") / "reference")
 
 
 def test_document_answer_with_bounded_cache(namm_dir):

@@ -18,16 +18,11 @@ import mlx.core as mx
 import typer
 from mlx_lm.sample_utils import make_sampler
 
-from namm_mlx.cache import UnsupportedModelError
-from namm_mlx.checkpoint import CheckpointError
-from namm_mlx.documents import DocumentError, read_document
-from namm_mlx.gguf import ModelError
+from namm_mlx.documents import read_document
 from namm_mlx.quantized import check_bits
 from namm_mlx.session import (
     DEFAULT_MAX_ROPE_FACTOR,
-    ContextError,
     DocumentSession,
-    ModelLoadError,
     SessionError,
     check_cache_path,
     check_document_source,
@@ -35,10 +30,8 @@ from namm_mlx.session import (
     open_session,
 )
 
-from ..errors import fail, register, user_errors
-from ..main import app
+from ..errors import fail, user_errors
 
-register(DocumentError, ContextError, ModelLoadError, SessionError, ModelError, UnsupportedModelError, CheckpointError)
 
 # Options shared by chat and generate, named as in mlx-lm.
 MODEL = typer.Option(None, "--model", help="mlx-lm folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
@@ -158,7 +151,6 @@ def _print_stats(session: DocumentSession) -> None:
 HELP = "commands: /stats  /save FILE  /reset  /quit  (anything else is a question)"
 
 
-@app.command()
 def chat(
     doc: str = typer.Option(..., "--doc", help="document (txt, md, rst, html; - for stdin)"),
     model: Optional[str] = MODEL,
@@ -228,7 +220,6 @@ def _terminal():
         fail("the document came on stdin and there is no terminal for questions; use --doc FILE")
 
 
-@app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the question (- for stdin)"),
     doc: Optional[str] = typer.Option(None, "--doc", help="document (txt, md, rst, html; - for stdin)"),

@@ -13,10 +13,8 @@ from typing import Optional
 import typer
 
 from cli import errors
-from cli.main import app
-from namm_mlx.convert import CONVERSION_ERRORS, convert_checkpoint, export_checkpoint
+from namm_mlx.convert import convert_checkpoint, export_checkpoint
 
-errors.register(*CONVERSION_ERRORS)
 
 
 class Member(str, Enum):
@@ -26,7 +24,6 @@ class Member(str, Enum):
     best = "best"
 
 
-@app.command()
 def convert(
     source: Path = typer.Argument(
         ...,
@@ -66,7 +63,6 @@ def convert(
     print(f"wrote {output} from {source.name}: {', '.join(details)}")
 
 
-@app.command()
 def export(
     namm_dir: Path = typer.Argument(
         ..., metavar="DIR", help="NAMM folder (namm.safetensors + namm_config.json).", show_default=False

@@ -7,18 +7,15 @@ from typing import List, Optional
 
 import typer
 
-from namm_mlx.data import ROUTES, DataError, available_texts, fetch_texts, longbench_files
+from namm_mlx.data import ROUTES, available_texts, fetch_texts, longbench_files
 
-from ..errors import fail, register, user_errors
-from ..main import app
+from ..errors import fail, user_errors
 
-register(DataError)
 
 data_app = typer.Typer(
     help="Public-domain books (Austen, Moby Dick, the KJV) and LongBench, from the Hugging Face Hub "
     "and Project Gutenberg, or offline from Debian packages."
 )
-app.add_typer(data_app, name="data")
 
 
 @data_app.command("fetch")

@@ -15,7 +15,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cli import errors
-from cli.main import app
+from cli.app import app
 from namm_mlx.data import DataError
 from namm_mlx.distill import DistillOptions, ItemRecord, fit_namm, record_item
 from namm_mlx.distill.fit import LOSSES, TARGETS

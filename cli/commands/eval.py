@@ -18,15 +18,21 @@ from typing import List, Optional
 
 import typer
 
-from namm_mlx.cache import UnsupportedModelError
-from namm_mlx.data import DataError
-from namm_mlx.gguf import ModelError
-from namm_mlx.session import ModelLoadError
+from namm_mlx.policies import REGISTRY, policy_names
 
-from ..errors import fail, register, user_errors
-from ..main import app
+from ..errors import fail, user_errors
 
-register(DataError, ModelError, ModelLoadError, UnsupportedModelError)
+
+def policy_help() -> str:
+    """``--policy``'s help: every registered policy by name."""
+    return f"comma-separated policies: {','.join(policy_names())} (default: all)"
+
+
+def policies_epilog() -> str:
+    """One line per registered policy (its class's ``help``), below the options."""
+    width = max(len(name) for name in REGISTRY)
+    lines = [f"  {name:<{width}}  {cls.help}" for name, cls in REGISTRY.items()]
+    return "\b\nPolicies:\n" + "\n".join(lines)  # \b: click keeps these lines as they are
 
 
 def _csv(text: Optional[str]) -> list[str]:
@@ -53,13 +59,10 @@ def _namm_available(namm: Optional[str]) -> bool:
     return namm is not None or (DEFAULT_NAMM_DIR / "namm.safetensors").is_file()
 
 
-@app.command("eval")
 def eval_command(
     out: Path = typer.Option(..., "--out", help="output folder (results.json, predictions.jsonl, score_vs_kept.png)"),
     model: Optional[str] = typer.Option(None, "--model", help="mlx-lm folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)"),
-    policy: Optional[str] = typer.Option(
-        None, "--policy", help="comma-separated policies: full,namm,h2o,snapkv,tova,streaming,knorm,random (default: all)"
-    ),
+    policy: Optional[str] = typer.Option(None, "--policy", help=policy_help()),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="synthetic tasks: needle,multi_needle,passkey,kjv_verse,chapter (default: all)"),
     data: Optional[List[Path]] = typer.Option(None, "--data", help="LongBench JSONL file (repeatable); replaces --tasks"),
     budget: Optional[str] = typer.Option(
@@ -97,9 +100,6 @@ def eval_command(
 ) -> None:
     """Evaluate eviction policies: a task x policy table, results.json, predictions.jsonl and a plot."""
     from namm_mlx.eval import (
-        DataFileError,
-        EvalError,
-        TaskError,
         TextSource,
         format_table,
         load_jsonl,
@@ -111,11 +111,7 @@ def eval_command(
     from namm_mlx.eval.metrics import TASK_METRICS
     from namm_mlx.eval.prompts import context_limit_of, load_prompt_templates
     from namm_mlx.eval.tasks import TASK_NAMES
-    from namm_mlx.policies import POLICY_NAMES
 
-    from namm_mlx.eval.query_agnostic import QueryAgnosticError
-
-    register(EvalError, TaskError, DataFileError, QueryAgnosticError)
     protocol = "aware" if query_aware else "agnostic"
     with user_errors():
         if recall_only and (query_aware or no_recall):
@@ -129,7 +125,7 @@ def eval_command(
         if policy:
             policies = _csv(policy)
         else:
-            policies = list(POLICY_NAMES)
+            policies = list(policy_names())
             if not _namm_available(namm) and not match:
                 policies.remove("namm")
                 print("note: no NAMM installed in weights/default; skipping the namm policy (give --namm DIR)", file=sys.stderr)

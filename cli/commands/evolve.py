@@ -19,12 +19,8 @@ import typer
 
 import namm_mlx.evolve as ev
 from cli import errors
-from cli.main import app
-from namm_mlx.checkpoint import CheckpointError
 from namm_mlx.config import NAMMConfig
-from namm_mlx.convert import CONVERSION_ERRORS
 
-errors.register(*CONVERSION_ERRORS, CheckpointError, *ev.EVOLVE_ERRORS, ev.FitnessError)
 
 
 def _options(pairs: List[str]) -> dict[str, str]:
@@ -37,7 +33,6 @@ def _options(pairs: List[str]) -> dict[str, str]:
     return options
 
 
-@app.command()
 def evolve(
     out: Path = typer.Option(
         ..., "--out", metavar="DIR", help="Run folder: checkpoint, log.jsonl and the current NAMM (DIR/namm).",

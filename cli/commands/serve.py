@@ -32,13 +32,9 @@ from typing import Any, List, Optional
 
 import typer
 
-from namm_mlx.cache import UnsupportedModelError
-from namm_mlx.gguf import ModelError
 
-from ..errors import fail, register, user_errors
-from ..main import app
+from ..errors import fail, user_errors
 
-register(ModelError, UnsupportedModelError)
 
 #: mlx-lm server options that cannot work with an evicting cache.
 REFUSED = {
@@ -66,7 +62,6 @@ def _size(text: str) -> int:
         fail(f"--prompt-cache-bytes expects a size such as 2GB or 500MB, got {text!r}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", help="mlx-lm folder, .gguf or hub id (default: SmolLM2-135M-Instruct)"),

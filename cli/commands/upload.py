@@ -16,10 +16,8 @@ import typer
 from namm_mlx.hub import stage_upload, upload as push
 
 from ..errors import user_errors
-from ..main import app
 
 
-@app.command()
 def upload(
     namm_dir: Path = typer.Argument(..., metavar="DIR", help="NAMM folder (namm.safetensors + namm_config.json)"),
     repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hugging Face repo to create or update"),

@@ -26,6 +26,7 @@ from ..config import NAMMConfig
 from ..eval.likelihood import reference_answer
 from ..eval.prompts import document_and_question, encode
 from ..eval.recall import FutureAttention, future_attention_from_caches
+from ..files import atomic_write
 from ..namm import NAMM
 from ..policies import NAMMScorer
 from ..recording import record_full_cache, recorded_layers, replay
@@ -92,9 +93,7 @@ class ItemRecord:
             "steps": [[s.layer, s.offset] for s in self.steps],
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> "ItemRecord":

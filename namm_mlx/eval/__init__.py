@@ -36,23 +36,20 @@ from .metrics import (
 )
 from .prompts import middle_truncate, prompt_tokens
 from .query_agnostic import QueryAgnosticError, SplitPrompt, read_document, split_prompt
-from .runner import (
+from .plan import (
     PROTOCOLS,
     Budget,
     EvalError,
     PolicyRun,
     document_budget,
     effective_budget,
-    format_table,
     matched_budgets,
     parse_budgets,
-    pending_pairs,
     plan_runs,
-    read_predictions,
-    run_eval,
-    summarize,
-    write_results,
 )
+from .report import format_table, summarize, write_results
+from .runner import run_eval
+from .store import pending_pairs, read_predictions
 from .tasks import DEFAULT_DEPTHS, TASK_NAMES, TaskError, TextSource, make_item, make_items
 
 __all__ = [

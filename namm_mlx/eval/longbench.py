@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import NammError
+
 REQUIRED = ("input", "context", "answers", "dataset", "_id")
 
 
-class DataFileError(ValueError):
+class DataFileError(NammError, ValueError):
     """A JSONL file is not in LongBench's format; the message names the line."""
 
 

@@ -14,21 +14,25 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 
-Color = tuple[int, int, int]
+from ..policies import POLICIES, REGISTRY
+from ..policies.base import Color
 
-#: Policy -> RGB, also written to results.json as the legend.
-POLICY_RGB: dict[str, Color] = {
-    "full": (70, 70, 70),
-    "namm": (214, 39, 40),
-    "h2o": (31, 119, 180),
-    "snapkv": (255, 127, 14),
-    "tova": (44, 160, 44),
-    "streaming": (148, 103, 189),
-    "knorm": (140, 86, 75),
-    "random": (227, 119, 194),
-}
+#: Built-in policy -> RGB (each policy class's ``color``; see :func:`policy_rgb`).
+POLICY_RGB: dict[str, Color] = {cls.name: cls.color for cls in POLICIES}
 POLICY_COLORS = {k: "#%02x%02x%02x" % v for k, v in POLICY_RGB.items()}
 _EXTRA = [(23, 190, 207), (188, 189, 34), (127, 127, 127)]
+
+
+def policy_rgb(name: str) -> Color | None:
+    """The colour a registered policy's class gives itself (None: unknown or none)."""
+    cls = REGISTRY.get(name)
+    return getattr(cls, "color", None)
+
+
+def policy_color(name: str) -> str | None:
+    """:func:`policy_rgb` as ``#rrggbb``, for results.json's legend."""
+    rgb = policy_rgb(name)
+    return None if rgb is None else _hex(rgb)
 
 #: Colours of the fitness-curve lines.
 FITNESS_RGB: dict[str, Color] = {"best": (214, 39, 40), "mean": (31, 119, 180), "kept": (44, 160, 44)}
@@ -82,7 +86,7 @@ def score_vs_kept_figure(series: Mapping[str, Sequence[tuple[float, float]]]):
         highlight = name == "namm"
         ax.plot(
             [x for x, _ in pts], [y for _, y in pts],
-            color=_hex(POLICY_RGB.get(name, _EXTRA[i % len(_EXTRA)])), linewidth=2, marker="s",
+            color=_hex(policy_rgb(name) or _EXTRA[i % len(_EXTRA)]), linewidth=2, marker="s",
             markersize=11 if highlight else 7, markeredgecolor="black" if highlight else "none",
             markeredgewidth=1.2 if highlight else 0, zorder=10 if highlight else 2, label=name,
         )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..errors import NammError
 from ..cache import EvictingKVCache, evict_now
 from ..prefill import prefill
 from .prompts import _add_bos, document_and_question, encode, middle_truncate, user_text, wrap_chat
@@ -40,7 +41,7 @@ HOP = 16
 _SENTINEL = "\ue000QUESTION\ue000"
 
 
-class QueryAgnosticError(ValueError):
+class QueryAgnosticError(NammError, ValueError):
     """The item's prompt cannot be split into document then question."""
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import NammError
 from .prompts import encode, prompt_tokens
 
 TASK_NAMES = ("needle", "multi_needle", "passkey", "kjv_verse", "chapter")
@@ -66,7 +67,7 @@ _NOUNS = (
 ).split()
 
 
-class TaskError(ValueError):
+class TaskError(NammError, ValueError):
     """A task cannot be built from the given texts; the message says why."""
 
 

@@ -17,9 +17,9 @@
   rank 0 writes the run folder. The result equals a single-process run.
 """
 
-from .cma_es import CMAES, CMAESError, CMAParams, DEFAULT_SIGMA, cma_params, lazy_eig_interval
+from ..cma_es import CMAES, CMAESError, CMAParams, DEFAULT_SIGMA, cma_params, lazy_eig_interval
 from .distributed import Collective, DistributedError
-from .fitness import FITNESS, PLANNED, EvalContext, FitnessError, make_fitness, synthetic_fitness
+from .fitness import FITNESS, EvalContext, FitnessError, make_fitness, synthetic_fitness
 from .trainer import (
     DEFAULT_POP_SIZE,
     EVOLVE_ERRORS,
@@ -51,7 +51,6 @@ __all__ = [
     "FITNESS",
     "FitnessError",
     "InitSource",
-    "PLANNED",
     "RunState",
     "Stage",
     "cma_params",

@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NammError
+
 __all__ = ["Collective", "DistributedError"]
 
 
-class DistributedError(RuntimeError):
+class DistributedError(NammError, RuntimeError):
     """Another rank failed, or the ranks disagree; one line for users."""
 
     def __init__(self, message: str) -> None:

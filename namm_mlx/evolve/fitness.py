@@ -40,29 +40,22 @@ cache, spec §7.2).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
+from .options import FitnessError, float_option, int_option
+
 __all__ = [
     "EvalContext",
     "FITNESS",
     "FitnessError",
     "FitnessFn",
-    "PLANNED",
     "make_fitness",
     "synthetic_fitness",
 ]
-
-
-class FitnessError(ValueError):
-    """A fitness name or option that cannot be used; one line for users."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass(frozen=True)
@@ -110,10 +103,10 @@ def synthetic_fitness(n: int = 4172, model: str | None = None, options: Mapping[
         )
     if model is not None:
         raise FitnessError("fitness 'synthetic' is a smoke test without a language model; drop --model")
-    scale = _float_option(opts, "scale", SYNTHETIC_SCALE, positive=True)
-    delay = _float_option(opts, "delay", 0.0, positive=False)
-    dims = _int_option(opts, "dims", SYNTHETIC_DIMS)
-    target_seed = _int_option(opts, "target_seed", SYNTHETIC_TARGET_SEED)
+    scale = float_option(opts, "scale", SYNTHETIC_SCALE, positive=True)
+    delay = float_option(opts, "delay", 0.0, positive=False)
+    dims = int_option(opts, "dims", SYNTHETIC_DIMS)
+    target_seed = int_option(opts, "target_seed", SYNTHETIC_TARGET_SEED)
     if not 1 <= dims <= n:
         raise FitnessError(f"fitness option dims must be between 1 and {n}, got {dims}")
     rng = np.random.default_rng(target_seed)
@@ -135,30 +128,6 @@ def synthetic_fitness(n: int = 4172, model: str | None = None, options: Mapping[
         return out
 
     return fitness
-
-
-def _int_option(opts: Mapping[str, str], key: str, default: int) -> int:
-    if key not in opts:
-        return default
-    try:
-        value = int(opts[key])
-    except ValueError:
-        raise FitnessError(f"fitness option {key} must be an int, got {opts[key]!r}") from None
-    if value < 0:
-        raise FitnessError(f"fitness option {key} must be non-negative, got {value}")
-    return value
-
-
-def _float_option(opts: Mapping[str, str], key: str, default: float, positive: bool) -> float:
-    if key not in opts:
-        return default
-    try:
-        value = float(opts[key])
-    except ValueError:
-        raise FitnessError(f"fitness option {key} must be a number, got {opts[key]!r}") from None
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise FitnessError(f"fitness option {key} must be {'positive' if positive else 'non-negative'}, got {value}")
-    return value
 
 
 def likelihood_fitness(n: int = 4172, model: str | None = None, options: Mapping[str, str] | None = None) -> FitnessFn:
@@ -193,19 +162,10 @@ FITNESS: dict[str, FitnessFactory] = {
     "replay": replay_fitness,
 }
 
-#: Objectives not implemented yet (none at present; kept for the error message).
-PLANNED: dict[str, str] = {}
-
-
 def make_fitness(name: str, n: int, model: str | None = None, options: Mapping[str, str] | None = None) -> FitnessFn:
     """The fitness function registered as ``name``, or a one-line :class:`FitnessError`."""
     factory = FITNESS.get(name)
     if factory is None:
         available = ", ".join(sorted(FITNESS))
-        if name in PLANNED:
-            raise FitnessError(
-                f"fitness {name!r} ({PLANNED[name]}) is not available yet: it needs the evaluation harness "
-                f"(namm_mlx.eval); available: {available}"
-            )
         raise FitnessError(f"unknown fitness {name!r}; available: {available}")
     return factory(n=n, model=model, options=dict(options or {}))

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..eval.metrics import score_prediction
-from ..eval.runner import generate_answer, prepare_prompt
+from ..eval.item import generate_answer, prepare_prompt
 from ..integration import attach, detach
 from .harness import HarnessFitness, build_harness_fitness
 

@@ -19,12 +19,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..cache import EvictionContext, Scores
 from ..config import NAMMConfig
 from ..integration import attach, detach
 from ..namm import NAMM
 from ..policies import NAMMScorer
-from .fitness import FitnessError, _float_option, _int_option
+from ..policies.base import EvictionContext, Scores
+from .options import FitnessError, float_option, int_option
 
 #: Options every harness fitness takes (``--fitness-arg KEY=VALUE``), with defaults.
 DEFAULTS = {
@@ -155,13 +155,13 @@ def build_harness_fitness(
     if bad:
         raise FitnessError(f"unknown task(s) {', '.join(bad)}; known: {', '.join(TASK_NAMES)}")
     parsed: dict[str, Any] = {
-        "length": _int_option(opts, "length", 1024),
-        "pool": _int_option(opts, "pool", 24),
-        "items": _int_option(opts, "items", 4),
-        "calibration_items": _int_option(opts, "calibration_items", 4),
-        "data_seed": _int_option(opts, "data_seed", 1234),
-        "memory_penalty": _float_option(opts, "memory_penalty", 0.25, positive=False),
-        "budget": _float_option(opts, "budget", 0.0, positive=True) if opts.get("budget") else None,
+        "length": int_option(opts, "length", 1024),
+        "pool": int_option(opts, "pool", 24),
+        "items": int_option(opts, "items", 4),
+        "calibration_items": int_option(opts, "calibration_items", 4),
+        "data_seed": int_option(opts, "data_seed", 1234),
+        "memory_penalty": float_option(opts, "memory_penalty", 0.25, positive=False),
+        "budget": float_option(opts, "budget", 0.0, positive=True) if opts.get("budget") else None,
         "extra": {k: opts[k] for k in (extra or {})},
     }
     if n != NAMMConfig().param_size:

@@ -41,11 +41,11 @@ from ..eval.likelihood import LogProb, reference_answer
 from ..eval.prompts import encode, prompt_tokens
 from ..eval.query_agnostic import replay_kept_sets, split_prompt
 from ..hook import install_hook
-from ..policies import FullScorer, NAMMScorer
+from ..policies import FullScorer
 from ..recording import record_full_cache, recorded_layers, replay
-from .fitness import FitnessError
 from .harness import build_harness_fitness
 from .likelihood import LikelihoodFitness
+from .options import FitnessError
 
 __all__ = ["Recording", "ReplayFitness", "replay_fitness", "replay_caches"]
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from ..cache import EvictionContext, Scores
 from ..config import NAMMConfig
 from ..namm import NAMM, TokenFeatures, TokenState
 from ..selection import protect_newest, shared_keep_count
+from .base import EvictionContext, Policy, Scores
 
 
-class NAMMScorer:
+class NAMMScorer(Policy):
     """Scores with a NAMM; keeps K = max over heads of the tokens scoring >= 0.
 
     ranked: ignore the threshold and keep each head's top tokens up to the
@@ -26,6 +27,10 @@ class NAMMScorer:
     """
 
     name = "namm"
+    help = "the NAMM (--namm): a learned memory model, at its own threshold (ranked at a --budget)"
+    color = (214, 39, 40)
+    takes_budget = False
+    needs_own_state = True
     needs_queries = True
 
     def __init__(self, namm: NAMM, ranked: bool = False) -> None:
@@ -33,6 +38,24 @@ class NAMMScorer:
         self.ranked = bool(ranked)
         self.interval = namm.config.update_interval
         self.granularity = namm.config.hop
+
+    @classmethod
+    def create(cls, namm: Any = None, **params: Any) -> "NAMMScorer":
+        """namm: a :class:`~namm_mlx.namm.NAMM`, a folder holding one, or a ready
+        scorer (its cadence comes from its config). Its only parameter is
+        ``ranked``: keep the top tokens up to the cache's budget."""
+        ranked = bool(params.pop("ranked", False))
+        if params:
+            raise TypeError(
+                f"the namm policy takes only ranked= (got {sorted(params)}); set the rest in its config"
+            )
+        if isinstance(namm, NAMMScorer):
+            return namm if namm.ranked == ranked else NAMMScorer(namm.namm, ranked=ranked)
+        if isinstance(namm, (str, os.PathLike)):
+            namm = NAMM.load(namm)
+        if not isinstance(namm, NAMM):
+            raise TypeError(f"make_scorer('namm') needs namm= a NAMM or a NAMM folder, got {type(namm).__name__}")
+        return cls(namm, ranked=ranked)
 
     @property
     def attention_dtype(self) -> str:

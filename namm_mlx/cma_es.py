@@ -8,7 +8,7 @@ This is the "active" CMA-ES of SakanaAI/evo-memory's ``memory_evolution/cma_es.p
   covariance update (rescaled by ``n / |C^-1/2 y|^2``, the "w°" of the spec);
 * initial step size 0.065, ``c_m = 1``; ``c_1``, ``c_mu``, ``c_sigma``, ``d_sigma``, ``c_c``
   and ``chi_n`` derived from ``n`` and ``lambda`` exactly as the reference does (the
-  recombination constants come from :func:`namm_mlx.checkpoint.cma_defaults`);
+  recombination constants are :func:`cma_defaults`);
 * ``ask`` eigendecomposes the symmetrised covariance (eigenvalues <= 0 clamped to 1e-20;
   at generation 0 every entry gets +1e-6 like the reference's ``shift_first_gen``) and
   samples ``y = z diag(D) B^T``, ``x = mean + sigma y``;
@@ -52,27 +52,32 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..checkpoint import ELITE_RATIO, cma_defaults
+from .errors import NammError
 
 __all__ = [
     "CMAES",
     "CMAESError",
     "CMAParams",
+    "CmaDefaults",
     "DEFAULT_SIGMA",
+    "ELITE_RATIO",
     "STATE_FORMAT",
+    "cma_defaults",
     "cma_params",
     "lazy_eig_interval",
 ]
 
 DEFAULT_SIGMA = 0.065
 """The reference's ``init_sigma``."""
+ELITE_RATIO = 0.5
+"""The reference's share of the population that moves the mean."""
 STATE_FORMAT = "namm-mlx-cma-es/1"
 FIRST_GEN_SHIFT = 1e-6
 EIG_FLOOR = 1e-20
 _BEST_FITNESS_INIT = -float(np.finfo(np.float32).max)  # the reference's "-float32 max"
 
 
-class CMAESError(ValueError):
+class CMAESError(NammError, ValueError):
     """Bad CMA-ES arguments or state; the message is one user-facing line."""
 
     def __init__(self, message: str) -> None:
@@ -99,6 +104,41 @@ class CMAParams:
     c_c: float
     c_m: float
     chi_n: float
+
+
+@dataclass(frozen=True)
+class CmaDefaults:
+    """Recombination constants of the reference CMA-ES (namm-spec §7.1)."""
+
+    mu_eff: float
+    mu_eff_minus: float
+    c_1: float
+    c_mu: float
+    alpha_min: float
+    weights: np.ndarray
+    weights_truncated: np.ndarray
+
+
+def cma_defaults(pop_size: int, n: int, elite_ratio: float = ELITE_RATIO) -> CmaDefaults:
+    """The reference's ``get_cma_defaults``/``init_cma_es_params`` weights for ``pop_size``
+    members of ``n`` parameters (also what a written reference checkpoint carries)."""
+    lam = pop_size
+    mu = int(math.floor(lam * elite_ratio))
+    n_clip = min(n, 40000)
+    w_prime = math.log((lam + 1) / 2) - np.log(np.arange(lam, dtype=np.float64) + 1)
+    elite, rest = w_prime[:mu], w_prime[mu:]
+    mu_eff = float(elite.sum() ** 2 / (elite**2).sum())
+    mu_eff_minus = float(rest.sum() ** 2 / (rest**2).sum())
+    c_1 = 2 / ((n_clip + 1.3) ** 2 + mu_eff)
+    c_mu = min(1 - c_1 - 1e-8, 2 * (mu_eff - 2 + 1 / mu_eff) / ((n_clip + 2) ** 2 + mu_eff))
+    alpha_min = min(1 + c_1 / c_mu, 1 + 2 * mu_eff_minus / (mu_eff + 2), (1 - c_1 - c_mu) / (n * c_mu))
+    positive_sum = w_prime[w_prime > 0].sum()
+    negative_sum = np.abs(w_prime[w_prime < 0]).sum()
+    weights = np.where(w_prime >= 0, w_prime / positive_sum, alpha_min * w_prime / max(negative_sum, 1e-300))
+    truncated = np.where(np.arange(lam) < mu, weights, 0.0)
+    return CmaDefaults(
+        mu_eff, mu_eff_minus, c_1, c_mu, alpha_min, weights.astype(np.float32), truncated.astype(np.float32)
+    )
 
 
 def cma_params(
