@@ -18,6 +18,7 @@ def fitness():
     return make_fitness("likelihood", 4172, options=options)
 
 
+@pytest.mark.real_model
 def test_calibration_pools_ema_statistics(fitness):
     mean, var, count = fitness.calibrate()
     assert mean.shape == var.shape == (17,) and (var > 0).all() and np.isfinite(mean).all()
@@ -25,6 +26,7 @@ def test_calibration_pools_ema_statistics(fitness):
     assert count[0] == 30 * 3 * 512
 
 
+@pytest.mark.real_model
 def test_zero_namm_matches_full_cache_and_penalty_applies(fitness):
     items = fitness.items_for(1)
     assert items == fitness.items_for(1) and len(items) == 1
@@ -55,6 +57,7 @@ def generation():
     return make_fitness("generation", 4172, options=options)
 
 
+@pytest.mark.real_model
 def test_generation_fitness_normalises_by_the_full_cache(generation):
     items = generation.items_for(3)
     assert len(items) == 1 and generation.max_tokens == 12
@@ -79,6 +82,7 @@ def test_generation_fitness_normalises_by_the_full_cache(generation):
 # --------------------------------------------------------------------------- replay fitness
 
 
+@pytest.mark.real_model
 def test_replay_fitness_agrees_with_the_online_likelihood(fitness):
     # the online likelihood fitness keeps the question in the prompt; so does protocol=aware
     options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1", "tasks": "passkey",
@@ -103,6 +107,7 @@ def test_replay_fitness_agrees_with_the_online_likelihood(fitness):
     assert replay.evaluate(member, items) == replayed, "deterministic, recordings reused"
 
 
+@pytest.mark.real_model
 def test_a_fixed_budget_makes_every_member_keep_the_same_share(fitness):
     options = {"text": TEXT, "length": "640", "pool": "2", "items": "1", "calibration_items": "1",
                "tasks": "passkey", "budget": "0.5"}

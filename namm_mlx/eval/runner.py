@@ -212,16 +212,10 @@ def run_eval(
     the results dict also written to ``out_dir/results.json``;
     ``out_dir/score_vs_kept.png`` is drawn from it.
     """
-    from ..integration import as_scorer, attach, detach
+    from ..integration import as_scorer
 
-    if baseline_eviction not in BASELINE_EVICTION:
-        raise EvalError(f"baseline eviction must be one of {', '.join(BASELINE_EVICTION)}, got {baseline_eviction!r}")
-    if protocol not in PROTOCOLS:
-        raise EvalError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if recall_only and (protocol != "agnostic" or not recall):
-        raise EvalError("recall-only evaluation needs the query-agnostic protocol with recall")
+    _check_protocol(baseline_eviction, protocol, recall, recall_only)
     recall = recall and protocol == "agnostic"
-
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,20 +247,8 @@ def run_eval(
 
     bar = Progress([weight(r, i) for r, i in todo], stream=stream, enabled=progress)
     plan_keys = {pair_key(i, r, baseline_eviction, protocol, recall_only) for r in runs for i in items}
+    budgets = _Budgets(pred_path, plan_keys, baseline_eviction)
     options = dict(context_limit=context_limit, max_tokens=max_tokens, templates=templates, prefill_step_size=prefill_step_size)
-    matched_cache: dict[str, dict[str, float]] = {}
-
-    def matched() -> dict[str, dict[str, float]]:
-        if not matched_cache:  # first asked once the NAMM's pairs are all done
-            current = [r for r in read_predictions(pred_path) if pair_key(r) in plan_keys]
-            matched_cache.update(matched_budgets(current))
-        return matched_cache
-
-    def budget_of(run: PolicyRun, item: Mapping[str, Any]) -> tuple[float | None, int | None]:
-        needs_match = run.budget is not None and run.budget.match
-        table = matched() if needs_match else None
-        return effective_budget(run, item.get("dataset", ""), table, baseline_eviction, item.get("length"))
-
     try:
         with open(pred_path, "a", encoding="utf-8") as sink:
 
@@ -281,50 +263,100 @@ def run_eval(
 
             if protocol == "agnostic":
                 _agnostic_loop(
-                    model, tokenizer, items, todo, emit, bar, namm_scorers, seed=seed, matched=matched,
+                    model, tokenizer, items, todo, emit, bar, namm_scorers, seed=seed, matched=budgets.matched,
                     baseline_eviction=baseline_eviction, recall=recall, recall_only=recall_only, **options,
                 )
             else:
-                for run in runs:
-                    if shared and run.policy not in NAMM_POLICIES:
-                        continue
-                    groups: dict[tuple, list] = {}
-                    for r, item in todo:
-                        if r == run:
-                            groups.setdefault(budget_of(run, item), []).append(item)
-                    for (keep_fraction, max_kv_size), group in groups.items():
-                        scorer = _make_scorer(run.policy, namm_scorers.get(run.policy), seed)
-                        attach(model, scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction)
-                        try:
-                            for item in group:
-                                bar.show(f"{item['_id']} {run.label}")
-                                record = evaluate_item(
-                                    model, tokenizer, item, run, keep_fraction=keep_fraction, max_kv_size=max_kv_size, **options
-                                )
-                                emit(record, item, run)
-                        finally:
-                            detach(model)
-                if shared and any(r.policy not in NAMM_POLICIES for r, _ in todo):
-                    attach(model, shared_prefill_scorer())
-                    try:
-                        for item in items:
-                            item_runs = [r for r, i in todo if i is item and r.policy not in NAMM_POLICIES]
-                            if not item_runs:
-                                continue
-                            bar.show(f"{item['_id']} prefill")
-                            planned = [
-                                (r, _make_scorer(r.policy, None, seed, one_shot=r.policy != "full"), *budget_of(r, item))
-                                for r in item_runs
-                            ]
-                            for run, record in zip(item_runs, evaluate_item_shared(model, tokenizer, item, planned, **options)):
-                                emit(record, item, run)
-                    finally:
-                        detach(model)
+                _aware_loop(model, tokenizer, items, runs, todo, emit, bar, namm_scorers, budgets, seed, shared, options)
     finally:
         bar.close()
     return write_results(
         out, runs, items, config=config, baseline_eviction=baseline_eviction, protocol=protocol, recall_only=recall_only
     )
+
+
+def _check_protocol(baseline_eviction: str, protocol: str, recall: bool, recall_only: bool) -> None:
+    if baseline_eviction not in BASELINE_EVICTION:
+        raise EvalError(f"baseline eviction must be one of {', '.join(BASELINE_EVICTION)}, got {baseline_eviction!r}")
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if recall_only and (protocol != "agnostic" or not recall):
+        raise EvalError("recall-only evaluation needs the query-agnostic protocol with recall")
+
+
+class _Budgets:
+    """Each run's budget on an item; a budget matched to the NAMM's is looked up
+    in this plan's finished NAMM pairs, read once, when first needed."""
+
+    def __init__(self, pred_path: Path, plan_keys: set[tuple], baseline_eviction: str) -> None:
+        self.pred_path, self.plan_keys, self.baseline_eviction = pred_path, plan_keys, baseline_eviction
+        self.table: dict[str, dict[str, float]] = {}
+
+    def matched(self) -> dict[str, dict[str, float]]:
+        if not self.table:  # first asked once the NAMM's pairs are all done
+            current = [r for r in read_predictions(self.pred_path) if pair_key(r) in self.plan_keys]
+            self.table.update(matched_budgets(current))
+        return self.table
+
+    def of(self, run: PolicyRun, item: Mapping[str, Any]) -> tuple[float | None, int | None]:
+        table = self.matched() if run.budget is not None and run.budget.match else None
+        return effective_budget(run, item.get("dataset", ""), table, self.baseline_eviction, item.get("length"))
+
+
+def _aware_loop(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    runs: Sequence[PolicyRun],
+    todo: Sequence[tuple[PolicyRun, Mapping[str, Any]]],
+    emit: Callable[[dict[str, Any], Mapping[str, Any], PolicyRun], None],
+    bar: Progress,
+    namm_scorers: Mapping[str, Any],
+    budgets: _Budgets,
+    seed: int,
+    shared: bool,
+    options: Mapping[str, Any],
+) -> None:
+    """The question-aware protocol: each run's pairs grouped by budget under one
+    attached scorer; with ``shared``, every baseline forks one prefill per item."""
+    from ..integration import attach, detach
+
+    for run in runs:
+        if shared and run.policy not in NAMM_POLICIES:
+            continue
+        groups: dict[tuple, list] = {}
+        for r, item in todo:
+            if r == run:
+                groups.setdefault(budgets.of(run, item), []).append(item)
+        for (keep_fraction, max_kv_size), group in groups.items():
+            scorer = _make_scorer(run.policy, namm_scorers.get(run.policy), seed)
+            attach(model, scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction)
+            try:
+                for item in group:
+                    bar.show(f"{item['_id']} {run.label}")
+                    record = evaluate_item(
+                        model, tokenizer, item, run, keep_fraction=keep_fraction, max_kv_size=max_kv_size, **options
+                    )
+                    emit(record, item, run)
+            finally:
+                detach(model)
+    if not (shared and any(r.policy not in NAMM_POLICIES for r, _ in todo)):
+        return
+    attach(model, shared_prefill_scorer())
+    try:
+        for item in items:
+            item_runs = [r for r, i in todo if i is item and r.policy not in NAMM_POLICIES]
+            if not item_runs:
+                continue
+            bar.show(f"{item['_id']} prefill")
+            planned = [
+                (r, _make_scorer(r.policy, None, seed, one_shot=r.policy != "full"), *budgets.of(r, item))
+                for r in item_runs
+            ]
+            for run, record in zip(item_runs, evaluate_item_shared(model, tokenizer, item, planned, **options)):
+                emit(record, item, run)
+    finally:
+        detach(model)
 
 
 def _agnostic_loop(
