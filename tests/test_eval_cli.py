@@ -105,7 +105,7 @@ def test_eval_query_agnostic_namm_and_baseline_at_one_budget(tmp_path):
     same number of tokens of the document, every pair has its recall, the table
     and results.json carry intervals, and a rerun has nothing to do."""
     out = tmp_path / "qa"
-    args = ["eval", "--policy", "full,namm,h2o", "--tasks", "passkey", "--lengths", "1024", "--limit", "1",
+    args = ["eval", "--policy", "full,namm,h2o", "--tasks", "passkey", "--lengths", "768", "--limit", "1",
             "--budget", "0.5", "--max-tokens", "8", "--text", str(DATA / "pride_and_prejudice.txt"), "--out", str(out),
             "--no-progress"]
     result = _invoke(args)

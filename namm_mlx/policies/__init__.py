@@ -70,14 +70,9 @@ def make_scorer(name: str, namm: Any = None, **params: Any) -> Any:
     defaults to one-shot), ``seed`` (random, 0). ``full`` never steps, so an
     ``interval`` given to it is ignored (handy when one loop builds every policy).
     """
-    cls = policy_class(name)
-    if cls is NAMMScorer:
-        return cls.create(namm, **params)
     try:
-        return cls.create(namm, **params)
+        return policy_class(name).create(namm, **params)
     except TypeError as err:
-        if namm is not None:
-            raise
         raise TypeError(f"bad parameters for policy {name!r}: {err}") from None
 
 
