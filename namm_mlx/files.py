@@ -39,11 +39,12 @@ def _fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str = ".tmp", mode: int | None = None) -> Iterator[Path]:
     """Yield a temp path to write (by name, e.g. for ``mx.save_safetensors``);
     it replaces ``target`` when the block finishes without an exception.
 
-    suffix: the temp file's ending, for writers that insist on one.
+    suffix: the temp file's ending, for writers that insist on one. mode: the
+    file's permissions (default: what a plain ``open()`` gives under the umask).
     """
     target = Path(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=suffix, dir=target.parent)
@@ -51,7 +52,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 -> what a plain open() would give
+        os.chmod(tmp, 0o666 & ~UMASK if mode is None else mode)
         _fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:

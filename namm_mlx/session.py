@@ -264,7 +264,7 @@ class DocumentSession:
         path = check_cache_path(path)
         meta = dict(self.metadata)
         meta["namm_session"] = json.dumps({**self._conversation_state(), "document": self._document})
-        with atomic_path(path, suffix=".safetensors") as tmp:
+        with atomic_path(path, suffix=".safetensors", mode=0o600) as tmp:  # it holds the user's document
             save_prompt_cache(str(tmp), self.cache, meta)
         return path
 
