@@ -19,13 +19,6 @@ from namm_mlx.errors import NammError
 USER_ERRORS: tuple[type[BaseException], ...] = (NammError, FileNotFoundError, IsADirectoryError)
 
 
-def register(*errors: type[BaseException]) -> None:
-    """Also treat ``errors`` as user-facing: only for error classes that do not
-    derive from :class:`~namm_mlx.errors.NammError` yet (a no-op for those that do)."""
-    global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + tuple(e for e in errors if not issubclass(e, USER_ERRORS))
-
-
 def fail(message: str, code: int = 1) -> "typer.Exit":
     """Print ``error: message`` (one line) and exit with ``code``."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)

@@ -7,9 +7,24 @@ app, in ``namm --help``'s order, as mlx-lm's ``cli.py`` lists its commands.
 
 from __future__ import annotations
 
-from .app import app
-from .commands import chat, convert, data, evolve, serve, upload
+import typer
+
+from .commands import chat, convert, data, distill, evolve, serve, upload
 from .commands import eval as eval_command
+
+app = typer.Typer(
+    name="namm",
+    help="Neural Attention Memory Models on MLX: learned KV-cache eviction for mlx-lm.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """Neural Attention Memory Models on MLX."""
+
 
 app.command()(convert.convert)
 app.command()(convert.export)
@@ -20,6 +35,6 @@ app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options"
 app.command()(evolve.evolve)
 app.command("eval", epilog=eval_command.policies_epilog())(eval_command.eval_command)
 app.command()(upload.upload)
-from .commands import distill  # noqa: E402, F401  (registers itself with @app.command())
+app.command()(distill.distill)
 
 __all__ = ["app"]

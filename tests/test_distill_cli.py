@@ -23,6 +23,7 @@ def _namm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.real_model
 def test_distill_writes_a_namm_with_its_provenance_and_reuses_recordings(tmp_path):
     args = ["distill", "--out", str(tmp_path / "d"), "--text", str(TEXT), "--tasks", "passkey", "--lengths", "700",
             "--items", "1", "--steps", "3", "--window", "256", "--layer-stride", "15", "--keep", "0.4"]

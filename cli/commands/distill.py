@@ -8,29 +8,27 @@ reusable folder, fits, and writes a normal NAMM folder with its provenance.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli import errors
-from cli.app import app
-from namm_mlx.data import DataError
 from namm_mlx.distill import DistillOptions, ItemRecord, fit_namm, record_item
 from namm_mlx.distill.fit import LOSSES, TARGETS
-from namm_mlx.eval.tasks import TASK_NAMES, TaskError
+from namm_mlx.errors import NammError
+from namm_mlx.eval.tasks import TASK_NAMES
+from namm_mlx.progress import StatusLine, format_duration
+
+from ..errors import user_errors
 
 DEFAULT_TASKS = ",".join(TASK_NAMES)
 #: ``namm eval`` builds its items with seed 0; training documents must differ.
 EVAL_SEED = 0
 
 
-class DistillError(ValueError):
+class DistillError(NammError, ValueError):
     """Distillation cannot run as asked; the message says why."""
-
-
-errors.register(DistillError, TaskError, DataError)
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -43,19 +41,18 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    )
+def _reporter(what: str, total: int) -> tuple[StatusLine, Callable[[int, str], None]]:
+    """A status line and ``update(done, info)`` printing ``what done/total info elapsed<eta``."""
+    line, start = StatusLine(), time.perf_counter()
+
+    def update(done: int, info: str) -> None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (total - done) if done else float("nan")
+        line.show(f"{what} {done}/{total} {info} {format_duration(elapsed)}<{format_duration(eta)}")
+
+    return line, update
 
 
-@app.command()
 def distill(
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="NAMM folder to write.", show_default=False),
     model: Optional[str] = typer.Option(
@@ -96,7 +93,7 @@ def distill(
     ),
 ) -> None:
     """Distil a NAMM from full-cache attention: record documents once, fit by gradient, calibrate."""
-    with errors.user_errors():
+    with user_errors():
         if seed == EVAL_SEED:
             raise DistillError("seed 0 builds namm eval's items; train on other documents (--seed 1000)")
         task_names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -118,12 +115,12 @@ def distill(
                 raise DistillError(f"--recorded-only: no recordings (*.npz) in {folder}")
         else:
             recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder, text)
-        with _progress() as bar:
-            task = bar.add_task("fitting", total=options.steps, info="")
+        line, update = _reporter("fitting", options.steps)
+        try:
             namm = fit_namm(
                 recorded,
                 options,
-                progress=lambda done, total, loss: bar.update(task, completed=done, info=f"loss {loss:.4f}"),
+                progress=lambda done, total, loss: update(done, f"loss {loss:.4f}"),
                 metadata={
                     "distill_data": json.dumps(
                         {"model": model or "default", "records": str(folder), "recorded_only": recorded_only,
@@ -134,6 +131,8 @@ def distill(
                     ),
                 },
             )
+        finally:
+            line.close()
         namm.save(out)
         print(f"wrote {out}: distilled from {len(recorded)} documents ({target} target, {loss}, {steps} steps)")
 
@@ -149,8 +148,8 @@ def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts) -> list
     source = TextSource.from_files(texts) if texts else TextSource.from_cache(kjv="kjv_verse" in tasks)
     wanted = make_items(tasks, lengths, n, seed, source, tokenizer)
     result = []
-    with _progress() as bar:
-        task = bar.add_task("recording", total=len(wanted), info="")
+    line, update = _reporter("recording", len(wanted))
+    try:
         for item in wanted:
             path = folder / f"{item['_id']}-l{stride}.npz"
             if path.is_file():
@@ -159,5 +158,7 @@ def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts) -> list
                 record = record_item(lm, tokenizer, item, layers=layers)
                 record.save(path)
             result.append(record)
-            bar.update(task, advance=1, info=item["_id"])
+            update(len(result), item["_id"])
+    finally:
+        line.close()
     return result
