@@ -22,7 +22,7 @@ policies are exact. Rows append to a JSONL file (resumable, item-major).
 
     python docs/scripts/replayed_qa.py OUT.jsonl [--namm NAME=DIR,...] [--tasks ...] [--lengths 2048]
         [--limit 4] [--seed 0] [--budgets 0.25,0.5,1024] [--policies h2o,tova,...]
-    python docs/scripts/replayed_qa.py OUT.jsonl --summary
+    python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary [--policies A,B,...]
 """
 
 import argparse
@@ -121,10 +121,27 @@ def generate(model, tokenizer, caches, question: list[int], limit: int) -> str:
     return text
 
 
-def summary(path: Path) -> None:
+def summary(paths: list[Path], policies: list[str] | None = None) -> None:
+    """Table per length, budget and policy; with ``policies``, only those and
+    only on the items every one of them (and the full cache) was run on."""
     from namm_mlx.eval.bootstrap import bootstrap_interval
 
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    if policies:
+        rows = [r for r in rows if r["policy"] in policies or r["policy"] == "full"]
+        has: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for r in rows:
+            has[(r["item"], str(r["budget"]))].add(r["policy"])
+        common = {
+            b: {i for (i, bb), ran in has.items() if bb == b and set(policies) <= ran}
+            for b in {str(r["budget"]) for r in rows} - {"-"}
+        }
+        common = {b: items for b, items in common.items() if items}
+        every = set().union(*common.values()) if common else set()
+        rows = [r for r in rows if r["item"] in (every if r["budget"] == "-" else common.get(str(r["budget"]), set()))]
+        for b, items in sorted(common.items()):
+            print(f"budget {b}: {len(items)} items run with every policy: {', '.join(sorted(items))}")
+        print()
     by = defaultdict(list)
     for r in rows:
         by[(r["length"], str(r["budget"]), r["policy"])].append(r)
@@ -145,7 +162,7 @@ def summary(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="+", help="results JSONL (several with --summary)")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
     parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots")
@@ -157,7 +174,8 @@ def main() -> None:
     parser.add_argument("--no-generate", action="store_true", help="likelihood and fact survival only (score: null)")
     args = parser.parse_args()
     if args.summary:
-        return summary(args.out)
+        return summary(args.out, [p for p in args.policies.split(",") if p] if args.policies != BASELINES else None)
+    args.out = args.out[0]
 
     from namm_mlx.cache import EvictingKVCache
     from namm_mlx.eval.likelihood import reference_answer
