@@ -74,9 +74,10 @@ def distill(
         help="Folder of recordings, reused across runs (default: OUT-records beside --out).", show_default=False,
     ),
     target: str = typer.Option(
-        "mixed", "--target",
-        help=f"Attention to regress onto: {', '.join(TARGETS)} ('mixed': the later document queries' mean, "
-        "mixed with the question's by --question-weight).",
+        "question", "--target",
+        help=f"Attention to regress onto: {', '.join(TARGETS)} ('question': the question and answer queries' "
+        "mean, what keeps the facts readers ask about; 'mixed': the later document queries' mean mixed with "
+        "the question's by --question-weight).",
     ),
     question_weight: float = typer.Option(0.5, "--question-weight", min=0.0, max=1.0),
     loss: str = typer.Option("mse", "--loss", help=f"Regression loss: {', '.join(LOSSES)}."),

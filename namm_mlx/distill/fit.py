@@ -36,7 +36,7 @@ LOSSES = ("mse", "smooth_l1")
 class DistillOptions:
     """Everything that shapes a fit (recorded in the NAMM's provenance)."""
 
-    target: str = "mixed"
+    target: str = "question"
     #: share of the question's attention in the "mixed" target
     question_weight: float = 0.5
     loss: str = "mse"
