@@ -21,6 +21,11 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def remaining(elapsed: float, done: float, total: float) -> float:
+    """Seconds left at the pace so far; NaN before any work is done."""
+    return elapsed / done * (total - done) if done else float("nan")
+
+
 class StatusLine:
     """Show progress text on ``stream`` (stderr by default).
 
@@ -51,4 +56,4 @@ class StatusLine:
             self.dirty = False
 
 
-__all__ = ["StatusLine", "format_duration"]
+__all__ = ["StatusLine", "format_duration", "remaining"]

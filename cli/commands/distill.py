@@ -18,7 +18,7 @@ from namm_mlx.distill import DistillOptions, ItemRecord, fit_namm, record_item
 from namm_mlx.distill.fit import LOSSES, TARGETS
 from namm_mlx.errors import NammError
 from namm_mlx.eval.tasks import TASK_NAMES
-from namm_mlx.progress import StatusLine, format_duration
+from namm_mlx.progress import StatusLine, format_duration, remaining
 
 from ..errors import user_errors
 
@@ -47,7 +47,7 @@ def _reporter(what: str, total: int) -> tuple[StatusLine, Callable[[int, str], N
 
     def update(done: int, info: str) -> None:
         elapsed = time.perf_counter() - start
-        eta = elapsed / done * (total - done) if done else float("nan")
+        eta = remaining(elapsed, done, total)
         line.show(f"{what} {done}/{total} {info} {format_duration(elapsed)}<{format_duration(eta)}")
 
     return line, update

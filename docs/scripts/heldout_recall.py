@@ -27,6 +27,18 @@ LAYERS = list(range(1, 30, 3))
 SEED = 2000
 
 
+def load_recording(path: Path):
+    """``(layers, future, scale, doc_length)`` of one cached recording: the
+    recorded ``(keys, values, queries)`` of LAYERS and their future attention."""
+    from namm_mlx.eval.recall import FutureAttention
+
+    with np.load(path) as d:
+        layers = [tuple(mx.array(d[f"{i}.{k}"]) for k in ("k", "v", "q")) for i in range(len(LAYERS))]
+        future = FutureAttention([d[f"{i}.s"] for i in range(len(LAYERS))], [d[f"{i}.m"] for i in range(len(LAYERS))],
+                                 512, int(d["length"]), int(d["doc_length"]))
+        return layers, future, float(d["scale"]), int(d["doc_length"])
+
+
 def summary(path: Path) -> None:
     from namm_mlx.eval.bootstrap import bootstrap_interval
 
@@ -75,11 +87,7 @@ def main() -> None:
             continue
         cached = out.parent / (out.stem + "-recordings") / f"{item['_id']}.npz"
         if cached.exists():
-            with np.load(cached) as d:
-                layers = [tuple(mx.array(d[f"{i}.{k}"]) for k in ("k", "v", "q")) for i in range(len(LAYERS))]
-                future = FutureAttention([d[f"{i}.s"] for i in range(len(LAYERS))], [d[f"{i}.m"] for i in range(len(LAYERS))],
-                                         512, int(d["length"]), int(d["doc_length"]))
-                scale, doc_length = float(d["scale"]), int(d["doc_length"])
+            layers, future, scale, doc_length = load_recording(cached)
         else:
             tokens, doc_length = item_tokens(tok, item)
             caches = record_full_cache(model, tokens, 512, split=doc_length)

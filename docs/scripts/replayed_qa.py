@@ -103,13 +103,14 @@ def pooled(scorer, kernel: int):
 
 
 def answer_logprob(model, caches, question: list[int], answer: list[int]) -> float:
+    """Mean log-probability of ``answer`` after ``question``, teacher-forced from
+    forks of ``caches`` (the caches themselves stay as they are, for generation)."""
+    from namm_mlx.eval.likelihood import target_logprob
     from namm_mlx.policies import FullScorer
 
     forks = [c.fork(FullScorer()) for c in caches]
     logits = model(mx.array([question + answer[:-1]]), cache=forks)[0, len(question) - 1 :].astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logp, mx.array(answer)[:, None], axis=-1)
-    return float(picked.mean().item())
+    return target_logprob(logits, answer).mean
 
 
 def generate(model, tokenizer, caches, question: list[int], limit: int) -> str:

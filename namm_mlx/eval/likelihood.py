@@ -45,6 +45,14 @@ class LogProb(float):
         return (LogProb, (float(self), self.tokens))
 
 
+def target_logprob(logits: mx.array, target: Sequence[int]) -> LogProb:
+    """Log-probability of ``target`` under ``logits`` ``[len(target), vocab]``
+    (row ``i`` predicts ``target[i]``), in the logits' own dtype."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logp, mx.array(target)[:, None], axis=-1)
+    return LogProb(float(picked.sum().item()), len(target))
+
+
 def full_cache_factory(model: Any) -> CacheFactory:
     """Fresh non-evicting caches for ``model`` (its own ``make_cache``, even when
     a NAMM is attached), for the full-cache reference."""
@@ -101,13 +109,10 @@ def answer_logprob(
     rows = [first[None]]
     if len(target) > 1:
         rows.append(prefill(model, cache, target[:-1], prefill_step_size, logits="all"))
-    logits = mx.concatenate(rows, axis=0)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logp, mx.array(target)[:, None], axis=-1)
-    total = float(picked.sum().item())
+    result = target_logprob(mx.concatenate(rows, axis=0), target)
     del cache
     mx.clear_cache()
-    return LogProb(total, len(target))
+    return result
 
 
 def answer_logprobs(

@@ -65,7 +65,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..policies import make_scorer
-from ..progress import StatusLine, format_duration
+from ..progress import StatusLine, format_duration, remaining
 from .item import (
     evaluate_item,
     evaluate_item_agnostic,
@@ -115,7 +115,7 @@ class Progress:
         if not self.line.enabled:
             return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        eta = remaining(elapsed, self.done, self.total)
         filled = int(24 * self.done / self.total)
         self.line.show(
             f"eval [{'#' * filled}{'-' * (24 - filled)}] {self.finished}/{self.count}  {what[:48]:<48}  "

@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import EvictingKVCache
-from ..eval.likelihood import LogProb, reference_answer
+from ..eval.likelihood import LogProb, reference_answer, target_logprob
 from ..eval.prompts import encode, prompt_tokens
 from ..eval.query_agnostic import replay_kept_sets, split_prompt
 from ..hook import install_hook
@@ -108,9 +108,7 @@ def answer_logprob_replayed(model: Any, recording: Recording, caches: list[Any])
     """Log-probability of the recorded answer, teacher-forced from ``caches``."""
     install_hook()  # the caches' attend() must see the forward
     logits = model(mx.array([recording.tail]), cache=caches)[0, -len(recording.target) :].astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logp, mx.array(recording.target)[:, None], axis=-1)
-    return LogProb(float(picked.sum().item()), len(recording.target))
+    return target_logprob(logits, recording.target)
 
 
 class ReplayFitness(LikelihoodFitness):
