@@ -228,20 +228,16 @@ def main() -> None:
               f"{time.time() - start:.0f}s, full answer log-prob {full_lp:.3f}", flush=True)
         for policy, budget in todo:
             base, _, pool = policy.partition("+p")
+            t0 = time.time()
             if policy == "full":
-                scorer, size = FullScorer(), None
+                caches = full  # already replayed for the reference likelihood; answering consumes it
             else:
                 size = int(budget if budget > 1 else math.ceil(budget * doc_len))
-            if policy == "full":
-                pass
-            elif base in namms:
-                scorer = make_scorer("namm", namm=namms[base], ranked=True)
-            else:
-                scorer = make_scorer(base, interval=512, **({"seed": args.seed} if base == "random" else {}))
-            if pool:
-                scorer = pooled(scorer, int(pool))
-            t0 = time.time()
-            caches = run(scorer, size)
+                if base in namms:
+                    scorer = make_scorer("namm", namm=namms[base], ranked=True)
+                else:
+                    scorer = make_scorer(base, interval=512, **({"seed": args.seed} if base == "random" else {}))
+                caches = run(pooled(scorer, int(pool)) if pool else scorer, size)
             replay_seconds = time.time() - t0
             kept, whole = fact_survival(caches, facts)
             kept_fraction = float(np.mean([c.length / c.offset for c in caches]))
