@@ -484,9 +484,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _request_bytes(max_tokens: int, content: str) -> bytes:
+def _request_bytes(max_tokens: int, content: str, stream: bool = False) -> bytes:
     body = json.dumps(
-        {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0.0}
+        {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0.0,
+         **({"stream": True} if stream else {})}
     ).encode()
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
@@ -563,3 +564,50 @@ def test_server_stops_on_disconnect_caps_tokens_and_queues(tmp_path):
     # with 1 byte allowed, no cache is ever kept
     held = [int(n) for n in re.findall(r"Prompt Cache: (\d+) sequences", output)]
     assert len(held) >= 4 and not any(held), held
+
+
+@pytest.mark.real_model
+def test_server_stops_a_long_prefill_when_its_client_goes(tmp_path):
+    """A client that hangs up during its prompt's prefill frees the server at the
+    next 512-token chunk, not after the whole prompt."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [*namm_command(), "serve", "--port", str(port), "--prompt-cache-bytes", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    long_prompt = " ".join(f"Line {i}: the lighthouse keeper counted {i * 7} gulls." for i in range(500))
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # the model loads on the first request
+            try:
+                idle = _answered(port, 2, "Say hi.", deadline)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        idle = min(idle, _answered(port, 2, "Say hi.", time.monotonic() + 60))  # warm
+        # streamed, so that the server reports each prefill chunk: hang up after the first
+        abandoned = socket.create_connection(("127.0.0.1", port))
+        abandoned.settimeout(120)
+        abandoned.sendall(_request_bytes(8, long_prompt, stream=True))
+        received = b""
+        while b"keepalive" not in received:
+            chunk = abandoned.recv(4096)
+            assert chunk, received
+            received += chunk
+        abandoned.close()
+        closed = time.monotonic()
+        answered = _answered(port, 2, "Say hi.", time.monotonic() + 120)
+        waited = time.monotonic() - closed
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=60)[0]
+    assert "Traceback" not in output, output[-3000:]
+    assert "client disconnected: generation stopped" in output, output[-3000:]
+    progress = [(int(a), int(b)) for a, b in re.findall(r"Prompt processing progress: (\d+)/(\d+)", output)]
+    total = max(b for _, b in progress)
+    assert total > 3000, progress
+    # the long prompt's prefill never reached its end
+    assert max(a for a, b in progress if b == total) < total, progress
+    assert waited < 60, (waited, answered, idle)

@@ -8,8 +8,8 @@ bound. NAMM caches are not batchable, so requests are served one at a time
 Serving one request at a time makes every unbounded request everybody's
 problem, so the handler adds three bounds mlx-lm lacks: a cap on
 ``max_tokens``, a limit on requests waiting or running (503 past it), and a
-non-streaming request whose client hung up stops generating (mlx-lm notices
-only when a streamed write fails).
+request whose client hung up stops, in its prompt's prefill as in generation
+(mlx-lm notices only when a streamed write fails, and only between tokens).
 
 Memory: mlx-lm keeps the caches of up to ``--prompt-cache-size`` (10) earlier
 requests for prompt reuse, but its byte limit (``--prompt-cache-bytes``) only
@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from queue import Queue
 from typing import Any, List, Optional
 
 import typer
@@ -219,9 +220,30 @@ def guarded_handler(base: type, max_tokens_cap: int, queue_size: int) -> type:
     return GuardedHandler
 
 
+class _AbortableQueue(Queue):
+    """A request's response queue that refuses prefill progress once its
+    client has gone: the refusal is raised inside the generation thread's
+    prefill (its progress callback puts on this queue), which ends the prompt's
+    processing at the next chunk instead of after the whole prompt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client_gone = threading.Event()
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        if isinstance(item, tuple) and self.client_gone.is_set():
+            raise ClientGone()
+        super().put(item, block, timeout)
+
+
 class _Watched:
-    """A response generator whose token stream stops (and stops generation)
-    once the request's client has closed its connection."""
+    """A response generator whose request stops (prefill or generation) once the
+    request's client has closed its connection.
+
+    mlx-lm checks a request's stop flag only between generated tokens, so a
+    long prompt would be processed to its end for nobody. ``generate`` therefore
+    enqueues the request itself, as mlx-lm's ``ResponseGenerator.generate``
+    does, but with a queue that can refuse the prefill's progress reports."""
 
     def __init__(self, generator: Any, connection: socket.socket) -> None:
         self._generator = generator
@@ -231,18 +253,40 @@ class _Watched:
         return getattr(self._generator, name)
 
     def generate(self, request: Any, args: Any, progress_callback: Any = None):
-        ctx, tokens = self._generator.generate(request, args, progress_callback=progress_callback)
-        return ctx, self._watch(ctx, tokens)
+        generator, responses = self._generator, _AbortableQueue()
+        if not generator.generation_available():
+            raise RuntimeError("generation thread died")
+        generator.requests.put((responses, request, args))
+        ctx = generator._await_response(responses)
+        if isinstance(ctx, Exception):
+            raise ctx
+        return ctx, self._watch(ctx, responses, progress_callback)
 
-    def _watch(self, ctx: Any, tokens: Any):
-        checked = time.monotonic()
-        for token in tokens:
-            yield token
-            if time.monotonic() - checked >= DISCONNECT_POLL_S:
-                checked = time.monotonic()
-                if peer_closed(self._connection):
-                    ctx.stop()
-                    raise ClientGone()
+    def _watch(self, ctx: Any, responses: _AbortableQueue, progress_callback: Any):
+        checked, finished = time.monotonic(), False
+        try:
+            while True:
+                response = self._generator._await_response(responses)
+                if response is None:
+                    finished = True
+                    return
+                if isinstance(response, Exception):
+                    raise response
+                if isinstance(response, tuple):  # the prompt's prefill progress
+                    if peer_closed(self._connection):
+                        raise ClientGone()
+                    if progress_callback is not None:
+                        progress_callback(*response)
+                    continue
+                yield response
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if peer_closed(self._connection):
+                        raise ClientGone()
+        finally:
+            if not finished:  # nobody reads on: stop the prefill at its next chunk, or generation at its next token
+                responses.client_gone.set()
+                ctx.stop()
 
 
 def peer_closed(connection: socket.socket) -> bool:
