@@ -53,7 +53,7 @@ def write_second_model(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config))
-    source = resolve_model_path(None)
+    source = Path(resolve_model_path(None))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (source / name).exists():
             (folder / name).write_bytes((source / name).read_bytes())
@@ -125,7 +125,7 @@ def main() -> None:
         start = time.time()
 
         def note(what: str, result: str = "") -> None:
-            print(f"{time.time() - start:7.1f}s  {what:36s} rss {sampler.now_mb:6d} MB  peak {sampler.peak_mb:6d} MB  {result}",
+            print(f"{time.time() - start:7.1f}s  {what:40s} rss {sampler.now_mb:6d} MB  peak {sampler.peak_mb:6d} MB  {result}",
                   flush=True)  # fmt: skip
 
         try:
@@ -152,7 +152,7 @@ def main() -> None:
             abandoned.close()
             note("long generation, client gone after 3 s")
             chars = int(args.prompt_tokens * chars_per_token)
-            note(f"{args.prompt_tokens // 1000}k-token prompt", post(args.port, request_body(16, text[:chars] + "\nWho is Mr. Bingley?")))
+            note(f"{args.prompt_tokens}-token prompt", post(args.port, request_body(16, text[:chars] + "\nWho is Mr. Bingley?")))
             time.sleep(2)
             note("end")
         finally:
