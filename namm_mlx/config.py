@@ -50,6 +50,10 @@ class NAMMConfig:
     #: features, as the reference's bf16 model hands them over ("float32" to
     #: skip the rounding).
     attention_dtype: str = "bfloat16"
+    #: The newest tokens always kept at a step, whatever they score (0: none,
+    #: as in the reference). A token read just before a question has had too
+    #: few later queries for its attention spectrogram to single it out.
+    recent_window: int = 0
 
     def __post_init__(self) -> None:
         for name, (kind, check, wanted) in _SCHEMA.items():
@@ -174,4 +178,5 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "num_heads": (int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
     "threshold": (float, lambda v: True, "a finite number"),
     "attention_dtype": (str, lambda v: v in ("bfloat16", "float32"), "'bfloat16' or 'float32'"),
+    "recent_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newest tokens always kept)"),
 }

@@ -20,6 +20,18 @@ def protect_newest(scores: mx.array) -> mx.array:
     return mx.concatenate([scores[..., :-1], newest], axis=-1)
 
 
+def protect_recent(scores: mx.array, positions: mx.array, offset: int, window: int, floor: float) -> mx.array:
+    """Lift the ``window`` newest tokens (``positions >= offset - window``) above
+    every other score and above ``floor`` (the threshold), newest highest, so a
+    budget smaller than the window still keeps the newest first."""
+    if window <= 0:
+        return scores
+    first = offset - window
+    base = mx.maximum(mx.max(scores), floor) + 1.0
+    lifted = base + (positions - first).astype(mx.float32)
+    return mx.where(positions >= first, lifted, scores)
+
+
 def shared_keep_count(scores: mx.array, threshold: float = 0.0) -> int:
     """Tokens every head keeps: the largest count of passing tokens over heads.
 

@@ -11,6 +11,7 @@ to it. The cache is driven exactly as the attention hook drives it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import mlx.core as mx
@@ -376,3 +377,32 @@ def test_fork_refuses_a_window_the_source_did_not_keep():
     feed(shared, keys, keys, 0, 64, INTERVAL)
     with pytest.raises(ValueError, match="needs the last 8 queries but only 4"):
         shared.fork(make_scorer("snapkv", window=8))
+
+
+def test_namm_recent_window_keeps_the_newest_tokens(reference_namm):
+    """``recent_window`` (a NAMM config option) keeps the W newest tokens whatever
+    they score, under a budget and at the threshold alike; 0 is the reference."""
+    rng = np.random.default_rng(3)
+    n, window = 64, 12
+    keys = rng.normal(size=(1, H, n, D)).astype(np.float32)
+    queries = rng.normal(size=(1, H, n, D)).astype(np.float32)
+    config = dict(reference_namm.config.to_dict(), update_interval=32)
+
+    def namm_with(**overrides) -> NAMM:
+        # the read-out negated: this NAMM prefers old tokens, so recency must come from the window
+        w = reference_namm
+        weights = dataclasses.replace(w.weights, readout_weight=-w.weights.readout_weight)
+        return NAMM(weights, w.norm_mean, w.norm_var, NAMMConfig(**{**config, **overrides}))
+
+    newest = set(range(n - window, n))
+    for budget in ({"max_kv_size": 20}, {}):
+        ranked = bool(budget)
+        plain = drive(NAMMScorer(namm_with(), ranked=ranked), keys, queries, chunk=16, **budget)
+        assert any(not newest <= set(head) for head in kept(plain)), "the test needs a NAMM that drops recent tokens"
+        protected = drive(NAMMScorer(namm_with(recent_window=window), ranked=ranked), keys, queries, chunk=16, **budget)
+        assert all(newest <= set(head) for head in kept(protected)), kept(protected)
+    # a budget below the window keeps the newest first
+    small = drive(NAMMScorer(namm_with(recent_window=window), ranked=True), keys, queries, chunk=16, max_kv_size=5)
+    assert kept(small) == [list(range(n - 5, n))] * H
+    with pytest.raises(ValueError, match="recent_window"):
+        NAMMConfig(recent_window=-1)

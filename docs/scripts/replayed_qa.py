@@ -102,6 +102,23 @@ def pooled(scorer, kernel: int):
     return scorer
 
 
+def recent_protected(scorer, window: int):
+    """``scorer`` with the ``window`` newest tokens always kept (H2O's recent
+    window, KVzap's last 128 tokens): a fact read just before the question has
+    had too few later queries for any attention statistic to single it out."""
+    import dataclasses
+
+    inner = scorer.score
+
+    def score(context):
+        s = inner(context)
+        recent = context.positions >= context.offset - window
+        return dataclasses.replace(s, scores=mx.where(recent, 1e30, s.scores.astype(mx.float32)))
+
+    scorer.score = score
+    return scorer
+
+
 def answer_logprob(model, caches, question: list[int], answer: list[int]) -> float:
     """Mean log-probability of ``answer`` after ``question``, teacher-forced from
     forks of ``caches`` (the caches themselves stay as they are, for generation)."""
@@ -166,7 +183,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="+", help="results JSONL (several with --summary)")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
-    parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots")
+    parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens")
     parser.add_argument("--tasks", default=TASKS)
     parser.add_argument("--lengths", default="2048")
     parser.add_argument("--limit", type=int, default=4)
@@ -191,7 +208,8 @@ def main() -> None:
     from namm_mlx.recording import record_full_cache, recorded_layers
 
     namms = {k: NAMM.load(v) for k, v in (a.split("=", 1) for a in args.namm.split(",") if a)}
-    policies = [p for p in args.policies.split(",") if p] + list(namms)
+    policies = [p for p in args.policies.split(",") if p]
+    policies += [n for n in namms if n not in {p.split("+")[0] for p in policies}]  # a NAMM named only with options runs only with them
     budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     done = set()
     if args.out.exists():
@@ -227,7 +245,7 @@ def main() -> None:
         print(f"{item['_id']}: doc {doc_len} tokens, facts at {len(facts)} positions, recorded in "
               f"{time.time() - start:.0f}s, full answer log-prob {full_lp:.3f}", flush=True)
         for policy, budget in todo:
-            base, _, pool = policy.partition("+p")
+            base, options = policy.split("+")[0], {o[0]: int(o[1:]) for o in policy.split("+")[1:]}
             t0 = time.time()
             if policy == "full":
                 caches = full  # already replayed for the reference likelihood; answering consumes it
@@ -237,7 +255,11 @@ def main() -> None:
                     scorer = make_scorer("namm", namm=namms[base], ranked=True)
                 else:
                     scorer = make_scorer(base, interval=512, **({"seed": args.seed} if base == "random" else {}))
-                caches = run(pooled(scorer, int(pool)) if pool else scorer, size)
+                if "p" in options:
+                    scorer = pooled(scorer, options["p"])
+                if "r" in options:
+                    scorer = recent_protected(scorer, options["r"])
+                caches = run(scorer, size)
             replay_seconds = time.time() - t0
             kept, whole = fact_survival(caches, facts)
             kept_fraction = float(np.mean([c.length / c.offset for c in caches]))

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import NAMMConfig
 from ..namm import NAMM, TokenFeatures, TokenState
-from ..selection import protect_newest, shared_keep_count
+from ..selection import protect_newest, protect_recent, shared_keep_count
 from .base import EvictionContext, Policy, Scores
 
 
@@ -65,7 +65,9 @@ class NAMMScorer(Policy):
     def score(self, context: EvictionContext) -> Scores:
         attn, carried = self._inputs(context)
         scores, state, _, _ = self.namm.score(attn, context.positions, carried)
-        keep = None if self.ranked else shared_keep_count(protect_newest(scores), self.namm.config.threshold)
+        config = self.namm.config
+        scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
+        keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
         return Scores(scores, [state.attn_tail, state.ema], keep)
 
     def features(self, context: EvictionContext) -> TokenFeatures:
