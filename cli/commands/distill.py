@@ -61,7 +61,11 @@ def distill(
     ),
     tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", help="Training document tasks (comma-separated)."),
     lengths: str = typer.Option("2048,3072", "--lengths", help="Document lengths in tokens (comma-separated)."),
-    items: int = typer.Option(2, "--items", min=1, help="Documents per task and length."),
+    items: int = typer.Option(
+        5, "--items", min=1,
+        help="Documents per task and length; item i places its fact at depth 0.1, 0.5, 0.9, 0.3 or 0.7 "
+        "(i mod 5), so 5 covers every depth.",
+    ),
     seed: int = typer.Option(1000, "--seed", help="Seed of the training documents (namm eval uses 0)."),
     text: Optional[List[Path]] = typer.Option(
         None, "--text", metavar="FILE",
