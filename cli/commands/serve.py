@@ -232,6 +232,7 @@ class _AbortableQueue(Queue):
 
     def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         if isinstance(item, tuple) and self.client_gone.is_set():
+            logging.info("client disconnected: prefill stopped at %d of %d prompt tokens", *item)
             raise ClientGone()
         super().put(item, block, timeout)
 
