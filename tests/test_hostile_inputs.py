@@ -515,25 +515,35 @@ def _answered(port: int, max_tokens: int, content: str, deadline: float) -> floa
         time.sleep(0.05)
 
 
-@pytest.mark.real_model
-def test_server_stops_on_disconnect_caps_tokens_and_queues(tmp_path):
-    port = free_port()
+def _started_server(port: int, *flags: str) -> tuple[subprocess.Popen, float]:
+    """A `namm serve` process answering on ``port``, and its warm answer time
+    for a 2-token reply (the model loads on the first request)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
-        [*namm_command(), "serve", "--port", str(port), "--queue-size", "2", "--max-tokens-cap", "4000",
-         "--prompt-cache-bytes", "1"],
+        [*namm_command(), "serve", "--port", str(port), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        while True:  # the model loads on the first request
+        while True:
             try:
                 idle = _answered(port, 2, "Say hi.", deadline)
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.5)
-        idle = min(idle, _answered(port, 2, "Say hi.", time.monotonic() + 60))  # warm
+        return server, min(idle, _answered(port, 2, "Say hi.", time.monotonic() + 60))
+    except BaseException:
+        server.terminate()
+        server.communicate(timeout=60)
+        raise
+
+
+@pytest.mark.real_model
+def test_server_stops_on_disconnect_caps_tokens_and_queues(tmp_path):
+    port = free_port()
+    server, idle = _started_server(port, "--queue-size", "2", "--max-tokens-cap", "4000", "--prompt-cache-bytes", "1")
+    try:
         status, reply = _post(port, 10**8, "Count forever.")
         assert status == 400 and "cap of 4000" in reply["error"]
         # a long non-streaming request whose client goes away
@@ -571,22 +581,9 @@ def test_server_stops_a_long_prefill_when_its_client_goes(tmp_path):
     """A client that hangs up during its prompt's prefill frees the server at the
     next 512-token chunk, not after the whole prompt."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(
-        [*namm_command(), "serve", "--port", str(port), "--prompt-cache-bytes", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
     long_prompt = " ".join(f"Line {i}: the lighthouse keeper counted {i * 7} gulls." for i in range(500))
+    server, idle = _started_server(port, "--prompt-cache-bytes", "1")
     try:
-        deadline = time.monotonic() + 240
-        while True:  # the model loads on the first request
-            try:
-                idle = _answered(port, 2, "Say hi.", deadline)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.5)
-        idle = min(idle, _answered(port, 2, "Say hi.", time.monotonic() + 60))  # warm
         # streamed, so that the server reports each prefill chunk: hang up after the first
         abandoned = socket.create_connection(("127.0.0.1", port))
         abandoned.settimeout(120)

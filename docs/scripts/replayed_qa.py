@@ -108,12 +108,14 @@ def recent_protected(scorer, window: int):
     had too few later queries for any attention statistic to single it out."""
     import dataclasses
 
+    from namm_mlx.selection import protect_recent
+
     inner = scorer.score
 
     def score(context):
         s = inner(context)
-        recent = context.positions >= context.offset - window
-        return dataclasses.replace(s, scores=mx.where(recent, 1e30, s.scores.astype(mx.float32)))
+        lifted = protect_recent(s.scores.astype(mx.float32), context.positions, context.offset, window, float("-inf"))
+        return dataclasses.replace(s, scores=lifted)
 
     scorer.score = score
     return scorer

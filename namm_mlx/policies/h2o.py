@@ -7,6 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..selection import protect_recent
 from ._baseline import DEFAULT_INTERVAL, Baseline, check_non_negative
 from .base import EvictionContext, Scores
 
@@ -61,9 +62,5 @@ class H2OScorer(Baseline):
         accumulated = mx.concatenate([carried, fresh], axis=-1)
         if context.new_queries:  # queries an earlier step already counted are skipped
             accumulated = accumulated + context.attention(rows=context.new_queries).sum(axis=2)
-        # Each query row sums to 1, so accumulated <= offset; protected scores
-        # start above that and grow with position.
-        pos = context.positions.astype(mx.float32)
-        recent = context.positions >= context.offset - self.recent_window
-        scores = mx.where(recent, float(context.offset + 1) + pos, accumulated)
+        scores = protect_recent(accumulated, context.positions, context.offset, self.recent_window, floor=0.0)
         return Scores(scores, [accumulated])
