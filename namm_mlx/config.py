@@ -54,6 +54,11 @@ class NAMMConfig:
     #: as in the reference). A token read just before a question has had too
     #: few later queries for its attention spectrogram to single it out.
     recent_window: int = 0
+    #: One more input per token: its key's norm (``-log ||k||``, z-scored over
+    #: the head's cached tokens at the step), after the spectrum. Off in the
+    #: reference. A fact that later text never looks at again leaves no mark on
+    #: its attention, yet its key norm still tells it apart (KNorm's signal).
+    key_norm_input: bool = False
 
     def __post_init__(self) -> None:
         for name, (kind, check, wanted) in _SCHEMA.items():
@@ -86,8 +91,8 @@ class NAMMConfig:
 
     @property
     def embed_dim(self) -> int:
-        """Features per token: recency then spectrum (25)."""
-        return self.recency_dim + self.n_bins
+        """Features per token: recency, spectrum, then the key norm if used (25 or 26)."""
+        return self.recency_dim + self.n_bins + int(self.key_norm_input)
 
     @property
     def param_layout(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -144,8 +149,8 @@ class NAMMConfig:
 
 def _has_kind(value: Any, kind: type) -> bool:
     """JSON-safe type test: bools are not numbers, ints are acceptable floats."""
-    if isinstance(value, bool):
-        return False
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
     if kind is float:
         return isinstance(value, numbers.Real) and math.isfinite(value)
     if kind is int:
@@ -179,4 +184,5 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "threshold": (float, lambda v: True, "a finite number"),
     "attention_dtype": (str, lambda v: v in ("bfloat16", "float32"), "'bfloat16' or 'float32'"),
     "recent_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newest tokens always kept)"),
+    "key_norm_input": (bool, lambda v: True, "true or false"),
 }

@@ -406,6 +406,10 @@ def export_checkpoint(
     small placeholders (see :func:`write_reference_checkpoint`).
     """
     namm = NAMM.load(namm_dir)
+    if namm.config.key_norm_input:
+        raise ConversionError(
+            f"{namm_dir}: this NAMM reads key norms (key_norm_input), an input the reference trainer does not have"
+        )
     out = Path(out_path)
     if out.is_dir():
         raise ConversionError(f"output {out} is a directory; pass a file name such as {out / 'ckpt.pt'}")

@@ -259,6 +259,21 @@ def normalize_spectrum(ema: mx.array, norm_mean: mx.array, norm_var: mx.array, e
     return (ema - norm_mean.astype(mx.float32)) / std
 
 
+def key_norm_feature(keys: mx.array) -> mx.array:
+    """``-log ||k||`` per slot, z-scored over each head's slots: ``[..., N, 1]``.
+
+    Key norms differ by layer and head by an order of magnitude, and only the
+    order within a head matters to which tokens a head keeps, so each head is
+    standardised on its own tokens instead of with frozen global statistics.
+    keys: ``[..., N, D]``.
+    """
+    k = keys.astype(mx.float32)
+    x = -0.5 * mx.log((k * k).sum(axis=-1) + 1e-12)
+    mean = x.mean(axis=-1, keepdims=True)
+    std = mx.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True))
+    return ((x - mean) / mx.maximum(std, 1e-6))[..., None]
+
+
 class RecencyTable:
     """Sinusoidal age embedding, looked up by integer age (spec §2.5).
 

@@ -26,6 +26,7 @@ from .bam import BAMOutput, BAMWeights, bam_scores
 from .config import NAMMConfig
 from .features import (
     RecencyTable,
+    key_norm_feature,
     normalize_spectrum,
     spectral_ema,
     token_ages,
@@ -75,6 +76,7 @@ class TokenFeatures:
     recency: mx.array  # [..., N, recency_dim]
     embedding: mx.array  # [..., N, E]
     attn_tail: mx.array  # [..., N, ctx] to carry on
+    key_norm: mx.array | None = None  # [..., N, 1] when the config reads keys
 
 
 @dataclass
@@ -230,14 +232,19 @@ class NAMM:
 
     # --------------------------------------------------------------- pipeline
     def token_features(
-        self, attn: mx.array, positions: mx.array, carried: TokenState | None = None
+        self,
+        attn: mx.array,
+        positions: mx.array,
+        carried: TokenState | None = None,
+        keys: mx.array | None = None,
     ) -> TokenFeatures:
         """Features of every cached token (spec §2).
 
         attn: ``[..., H, n, N]`` GQA-averaged attention of the ``n`` queries
         since the last call over all ``N`` cache slots (old kept slots first,
         then the ``n`` new ones). positions: ``[..., H, N]``. carried: state of
-        the ``N - n`` old slots, or None for a new sequence.
+        the ``N - n`` old slots, or None for a new sequence. keys: ``[..., H,
+        N, D]``, read only by a config with ``key_norm_input``.
         """
         n, N = attn.shape[-2], attn.shape[-1]
         n_old = 0 if carried is None else carried.ema.shape[-2]
@@ -252,14 +259,25 @@ class NAMM:
         normalized = normalize_spectrum(ema, self.norm_mean, self.norm_var, self.config.norm_eps)
         ages = token_ages(positions, self.config.start_recency_from)
         recency = self._recency(ages)
-        embedding = mx.concatenate([recency, normalized], axis=-1)
-        return TokenFeatures(stft, ema, normalized, ages, recency, embedding, tail)
+        parts = [recency, normalized]
+        key_norm = None
+        if self.config.key_norm_input:
+            if keys is None or keys.shape[-2] != N:
+                raise ValueError(f"this NAMM reads key norms: pass the keys of all {N} slots")
+            key_norm = key_norm_feature(keys)
+            parts.append(key_norm)
+        embedding = mx.concatenate(parts, axis=-1)
+        return TokenFeatures(stft, ema, normalized, ages, recency, embedding, tail, key_norm)
 
     def score(
-        self, attn: mx.array, positions: mx.array, carried: TokenState | None = None
+        self,
+        attn: mx.array,
+        positions: mx.array,
+        carried: TokenState | None = None,
+        keys: mx.array | None = None,
     ) -> tuple[mx.array, TokenState, TokenFeatures, BAMOutput]:
         """Scores for every slot plus the (un-gathered) state to carry on."""
-        features = self.token_features(attn, positions, carried)
+        features = self.token_features(attn, positions, carried, keys)
         bam = bam_scores(features.embedding, self.weights, self.config)
         state = TokenState(positions.astype(mx.int32), features.attn_tail, features.ema)
         return bam.scores, state, features, bam
@@ -270,6 +288,7 @@ class NAMM:
         positions: mx.array,
         carried: TokenState | None = None,
         max_keep: int | None = None,
+        keys: mx.array | None = None,
     ) -> StepResult:
         """One reference eviction call for one layer (spec §1.5).
 
@@ -277,7 +296,7 @@ class NAMM:
         indices ``[B, H, K]`` and the kept tokens' state; the caller gathers
         its keys and values with ``gather_tokens(keys, result.kept)``.
         """
-        scores, state, features, bam = self.score(attn, positions, carried)
+        scores, state, features, bam = self.score(attn, positions, carried, keys)
         kept = select_kept(scores, self.config.threshold, max_keep)
         return StepResult(kept, state.gather(kept), scores, features, bam)
 

@@ -64,11 +64,12 @@ def test_recorded_features_equal_the_online_pipeline(model):
     by_layer = {}
     for s in record.steps:
         by_layer.setdefault(s.layer, []).append(s)
-    for k, (offset, ema, ages) in enumerate(online.steps):
+    for k, (offset, ema, ages, key_norm) in enumerate(online.steps):
         recorded = by_layer[k % layers][k // layers]
         assert recorded.offset == offset
         np.testing.assert_array_equal(recorded.ema, ema)
         np.testing.assert_array_equal(recorded.ages, ages)
+        np.testing.assert_array_equal(recorded.key_norm, key_norm)
     # the last step is the document's end
     assert record.steps[-1].offset == doc_length
 
@@ -130,3 +131,21 @@ def test_distillation_learns_a_planted_rule(model):
     assert mean["namm"] >= mean["h2o"], mean
     # the calibrated threshold keeps about the requested share of the training tokens
     assert namm.metadata["method"] == "distilled"
+
+
+def test_a_fit_without_recency_never_reads_a_tokens_age(model):
+    record = _planted(model, 10)[0]
+    options = DistillOptions(target="future", steps=5, learning_rate=1e-2, seed=0, layers_per_batch=None, window=256, recency=False)
+    namm = fit_namm([record], options, CONFIG)
+    assert namm.metadata["distill_options"].count('"recency": false') == 1
+    assert not np.any(np.array(namm.weights.qkv_weight)[: CONFIG.recency_dim])
+    assert np.any(np.array(namm.weights.qkv_weight)[CONFIG.recency_dim :])  # the spectrum's rows did learn
+    step = record.steps[-1]
+    recency = RecencyTable(CONFIG)
+    normalized = normalize_spectrum(mx.array(step.ema), namm.norm_mean, namm.norm_var, CONFIG.norm_eps)
+
+    def scores(ages: np.ndarray) -> np.ndarray:
+        embedding = mx.concatenate([recency(mx.array(ages)), normalized], axis=-1)
+        return np.array(bam_scores(embedding, namm.weights, CONFIG).scores)
+
+    np.testing.assert_array_equal(scores(step.ages), scores(step.ages[..., ::-1].copy()))

@@ -80,3 +80,30 @@ def test_recorded_only_fits_without_a_model_and_refuses_an_empty_folder(tmp_path
     (tmp_path / "empty").mkdir()
     empty = _namm("distill", "--out", str(tmp_path / "e"), "--records", str(tmp_path / "empty"), "--recorded-only", cwd=tmp_path)
     assert empty.returncode != 0 and "no recordings" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_key_norm_and_no_recency_fits_from_recordings(tmp_path):
+    from namm_mlx.distill import ItemRecord, StepRecord
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+
+    def step(key_norm):
+        return StepRecord(0, 32, rng.random((2, 32, 17), dtype=np.float32), np.arange(32)[::-1][None].repeat(2, 0).astype(np.int32),
+                          *(rng.random((2, 32), dtype=np.float32) / 32 for _ in range(3)), key_norm)
+
+    for name, key_norm in (("with", rng.normal(size=(2, 32)).astype(np.float32)), ("without", None)):
+        (tmp_path / name).mkdir()
+        ItemRecord("by-hand", 32, 40, [step(key_norm)]).save(tmp_path / name / "a.npz")
+    common = ["--recorded-only", "--steps", "2", "--window", "16"]
+    ok = _namm("distill", "--out", str(tmp_path / "kn"), "--records", str(tmp_path / "with"), "--key-norm", "--no-recency",
+               *common, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    namm = NAMM.load(tmp_path / "kn")
+    assert namm.config.key_norm_input and namm.to_flat().shape == (namm.config.param_size,)
+    assert not np.any(np.array(namm.weights.qkv_weight)[: namm.config.recency_dim])
+    old = _namm("distill", "--out", str(tmp_path / "old"), "--records", str(tmp_path / "without"), "--key-norm",
+                *common, cwd=tmp_path)
+    lines = [l for l in old.stderr.splitlines() if l.strip()]
+    assert old.returncode != 0 and len(lines) == 1 and "hold no key norms" in lines[0], old.stderr
+    assert not (tmp_path / "old").exists()

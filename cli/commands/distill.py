@@ -14,6 +14,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from namm_mlx.config import NAMMConfig
 from namm_mlx.distill import DistillOptions, ItemRecord, fit_namm, record_item
 from namm_mlx.distill.fit import LOSSES, TARGETS
 from namm_mlx.errors import NammError
@@ -92,6 +93,14 @@ def distill(
         0.5, "--keep", min=0.0, max=1.0, help="Share of recorded tokens that threshold 0 keeps (calibration)."
     ),
     fit_seed: int = typer.Option(0, "--fit-seed", min=0, help="Seed of the initial weights and batches."),
+    recency: bool = typer.Option(
+        True, "--recency/--no-recency",
+        help="Let the scorer read each token's age (--no-recency: judged by its attention alone).",
+    ),
+    key_norm: bool = typer.Option(
+        False, "--key-norm",
+        help="Give the scorer each token's key norm as one more input (not in the reference; the NAMM records it).",
+    ),
     recorded_only: bool = typer.Option(
         False, "--recorded-only",
         help="Fit on the recordings already in --records (no model, no new recording): for trying fit options.",
@@ -109,7 +118,7 @@ def distill(
         try:
             options = DistillOptions(
                 target=target, question_weight=question_weight, loss=loss, steps=steps,
-                learning_rate=learning_rate, seed=fit_seed, keep=keep, window=window,
+                learning_rate=learning_rate, seed=fit_seed, keep=keep, window=window, recency=recency,
             )
         except ValueError as err:
             raise DistillError(str(err)) from None
@@ -119,12 +128,15 @@ def distill(
             if not recorded:
                 raise DistillError(f"--recorded-only: no recordings (*.npz) in {folder}")
         else:
-            recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder, text)
+            recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder, text, key_norm)
+        if key_norm and any(s.key_norm is None for r in recorded for s in r.steps):
+            raise DistillError(f"--key-norm: the recordings in {folder} hold no key norms (made by an older namm distill); record them again")
         line, update = _reporter("fitting", options.steps)
         try:
             namm = fit_namm(
                 recorded,
                 options,
+                config=NAMMConfig(key_norm_input=key_norm),
                 progress=lambda done, total, loss: update(done, f"loss {loss:.4f}"),
                 metadata={
                     "distill_data": json.dumps(
@@ -142,8 +154,9 @@ def distill(
         print(f"wrote {out}: distilled from {len(recorded)} documents ({target} target, {loss}, {steps} steps)")
 
 
-def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts) -> list[ItemRecord]:
-    """Record every training document not already in ``folder``."""
+def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts, key_norm: bool = False) -> list[ItemRecord]:
+    """Record every training document not already in ``folder`` (again when a
+    key-norm fit finds one recorded without key norms)."""
     from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.models import load_model
 
@@ -157,9 +170,8 @@ def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts) -> list
     try:
         for item in wanted:
             path = folder / f"{item['_id']}-l{stride}.npz"
-            if path.is_file():
-                record = ItemRecord.load(path)
-            else:
+            record = ItemRecord.load(path) if path.is_file() else None
+            if record is None or (key_norm and any(s.key_norm is None for s in record.steps)):
                 record = record_item(lm, tokenizer, item, layers=layers)
                 record.save(path)
             result.append(record)

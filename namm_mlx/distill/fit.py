@@ -53,6 +53,11 @@ class DistillOptions:
     #: newer tokens inside its window.
     window: int | None = 1024
     eps: float = 1e-3
+    #: whether the scorer may read a token's age. Without it the recency inputs'
+    #: weights stay zero, so a fact is judged by its attention alone: documents
+    #: that place facts early otherwise teach "keep the oldest tokens", which
+    #: drops a fact read mid-document (the result is still a reference NAMM).
+    recency: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -121,7 +126,12 @@ def _groups(records: Sequence[ItemRecord], namm: NAMM, options: DistillOptions) 
         ema = mx.array(np.stack([s.ema for s in steps]))
         ages = mx.array(np.stack([s.ages for s in steps]))
         normalized = normalize_spectrum(ema, namm.norm_mean, namm.norm_var, namm.config.norm_eps)
-        embedding = mx.concatenate([recency(ages), normalized], axis=-1)
+        parts = [recency(ages), normalized]
+        if namm.config.key_norm_input:
+            if any(s.key_norm is None for s in steps):
+                raise ValueError("the recordings hold no key norms (made before they were recorded): record them again")
+            parts.append(mx.array(np.stack([s.key_norm for s in steps]))[..., None])
+        embedding = mx.concatenate(parts, axis=-1)
         target = mx.array(np.stack([log_target(s, options) for s in steps]))
         mx.eval(embedding, target)
         groups.append(_Group(embedding, target))
@@ -146,6 +156,14 @@ def initial_weights(config: NAMMConfig, seed: int, bias: float = 0.0) -> dict[st
         "readout_weight": normal((e, 1), 0.01 / math.sqrt(e)),
         "readout_bias": mx.array([bias], dtype=mx.float32),
     }
+
+
+def recency_masks(config: NAMMConfig) -> dict[str, mx.array]:
+    """Zero rows for the recency inputs of the two weights that read the
+    features (the attention's projections and the read-out); the gate's
+    recency outputs then reach nothing."""
+    keep = mx.array((np.arange(config.embed_dim) >= config.recency_dim).astype(np.float32))[:, None]
+    return {"qkv_weight": keep, "readout_weight": keep}
 
 
 def _loss(params: dict[str, mx.array], embedding: mx.array, target: mx.array, config: NAMMConfig, kind: str) -> mx.array:
@@ -194,6 +212,8 @@ def fit_namm(
     groups = _groups(records, shell, options)
     start_bias = float(np.mean([float(g.target.mean()) for g in groups]))
     params = initial_weights(config, options.seed, start_bias)
+    masks = {} if options.recency else recency_masks(config)
+    params = {k: v * masks[k] if k in masks else v for k, v in params.items()}
     optimizer = optim.Adam(learning_rate=options.learning_rate)
     loss_and_grad = mx.value_and_grad(lambda p, x, y: _loss(p, x, y, config, options.loss))
     rng = np.random.default_rng(options.seed)
@@ -210,6 +230,7 @@ def fit_namm(
             start = int(rng.integers(0, n - w + 1))
             x, y = x[..., start : start + w, :], y[..., start : start + w]
         loss, grads = loss_and_grad(params, x, y)
+        grads = {k: g * masks[k] if k in masks else g for k, g in grads.items()}
         params = optimizer.apply_gradients(grads, params)
         mx.eval(params, loss)
         losses.append(float(loss))

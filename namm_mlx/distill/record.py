@@ -13,6 +13,7 @@ statistics can be fitted from the recording itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +41,24 @@ class FeatureRecorder(NAMMScorer):
     """
 
     def __init__(self, config: NAMMConfig) -> None:
-        super().__init__(NAMM.zeros(config))
-        #: (offset, ema [H, N, n_bins], ages [H, N]) per step
-        self.steps: list[tuple[int, np.ndarray, np.ndarray]] = []
+        # the key-norm input is computed whatever the config, so one recording
+        # serves fits with and without it; the other features do not depend on it
+        super().__init__(NAMM.zeros(dataclasses.replace(config, key_norm_input=True)))
+        #: (offset, ema [H, N, n_bins], ages [H, N], key norm [H, N]) per step
+        self.steps: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def score(self, context: EvictionContext) -> Scores:
         features = self.features(context)
-        mx.eval(features.ema, features.ages, features.attn_tail)
-        self.steps.append((context.offset, np.array(features.ema[0]), np.array(features.ages[0]).astype(np.int32)))
+        key_norm = features.key_norm[..., 0]
+        mx.eval(features.ema, features.ages, features.attn_tail, key_norm)
+        self.steps.append(
+            (
+                context.offset,
+                np.array(features.ema[0]),
+                np.array(features.ages[0]).astype(np.int32),
+                np.array(key_norm[0]),
+            )
+        )
         return Scores(mx.zeros(context.positions.shape), [features.attn_tail, features.ema], None)
 
 
@@ -55,7 +66,8 @@ class FeatureRecorder(NAMMScorer):
 class StepRecord:
     """One layer's eviction step: inputs and targets for every cached token.
 
-    ema: ``[H, N, n_bins]`` un-normalised spectrogram EMA; ages: ``[H, N]``.
+    ema: ``[H, N, n_bins]`` un-normalised spectrogram EMA; ages: ``[H, N]``;
+    key_norm: ``[H, N]`` the key-norm input (None in recordings made before it).
     future: ``[H, N]`` mean attention per later query (rest of the document,
     question, answer). question / question_max: ``[H, N]`` mean / largest
     attention from the question and answer queries only.
@@ -68,6 +80,7 @@ class StepRecord:
     future: np.ndarray
     question: np.ndarray
     question_max: np.ndarray
+    key_norm: np.ndarray | None = None
 
 
 @dataclass
@@ -84,8 +97,9 @@ class ItemRecord:
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
         for i, s in enumerate(self.steps):
-            for name in ("ema", "ages", "future", "question", "question_max"):
-                arrays[f"{i}.{name}"] = getattr(s, name)
+            for name in ("ema", "ages", "future", "question", "question_max", "key_norm"):
+                if getattr(s, name) is not None:
+                    arrays[f"{i}.{name}"] = getattr(s, name)
         meta = {
             "item_id": self.item_id,
             "doc_length": self.doc_length,
@@ -100,7 +114,12 @@ class ItemRecord:
         with np.load(path) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             steps = [
-                StepRecord(layer, offset, *(data[f"{i}.{n}"] for n in ("ema", "ages", "future", "question", "question_max")))
+                StepRecord(
+                    layer,
+                    offset,
+                    *(data[f"{i}.{n}"] for n in ("ema", "ages", "future", "question", "question_max")),
+                    data[f"{i}.key_norm"] if f"{i}.key_norm" in data else None,
+                )
                 for i, (layer, offset) in enumerate(meta["steps"])
             ]
         return cls(meta["item_id"], meta["doc_length"], meta["length"], steps)
@@ -141,14 +160,14 @@ def record_item(
 
 
 def steps_from(
-    features: Mapping[int, list[tuple[int, np.ndarray, np.ndarray]]], future: FutureAttention, layers: Sequence[int]
+    features: Mapping[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]], future: FutureAttention, layers: Sequence[int]
 ) -> list[StepRecord]:
     """Pair each recorded step's features with its targets (``future``'s layer
     ``i`` is model layer ``layers[i]``)."""
     steps = []
     n_question = future.length - future.doc_length
     for index, layer in enumerate(layers):
-        for offset, ema, ages in features[layer]:
+        for offset, ema, ages, key_norm in features[layer]:
             n_future = future.length - offset
             steps.append(
                 StepRecord(
@@ -159,6 +178,7 @@ def steps_from(
                     (future.future(index, offset) / n_future).astype(np.float32),
                     (future.question(index, offset) / n_question).astype(np.float32),
                     future.question(index, offset, reduce="max").astype(np.float32),
+                    key_norm,
                 )
             )
     return steps

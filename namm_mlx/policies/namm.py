@@ -64,7 +64,7 @@ class NAMMScorer(Policy):
 
     def score(self, context: EvictionContext) -> Scores:
         attn, carried = self._inputs(context)
-        scores, state, _, _ = self.namm.score(attn, context.positions, carried)
+        scores, state, _, _ = self.namm.score(attn, context.positions, carried, self._keys(context))
         config = self.namm.config
         scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
         keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
@@ -73,7 +73,10 @@ class NAMMScorer(Policy):
     def features(self, context: EvictionContext) -> TokenFeatures:
         """The token features of this step (no scoring)."""
         attn, carried = self._inputs(context)
-        return self.namm.token_features(attn, context.positions, carried)
+        return self.namm.token_features(attn, context.positions, carried, self._keys(context))
+
+    def _keys(self, context: EvictionContext) -> mx.array | None:
+        return context.keys if self.namm.config.key_norm_input else None
 
     def _inputs(self, context: EvictionContext) -> tuple[mx.array, TokenState | None]:
         """The step's attention and the old slots' carried state."""
