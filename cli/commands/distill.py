@@ -129,7 +129,7 @@ def distill(
                 raise DistillError(f"--recorded-only: no recordings (*.npz) in {folder}")
         else:
             recorded = _record(model, task_names, doc_lengths, items, seed, layer_stride, folder, text, key_norm)
-        if key_norm and any(s.key_norm is None for r in recorded for s in r.steps):
+        if key_norm and not all(r.has_key_norm for r in recorded):
             raise DistillError(f"--key-norm: the recordings in {folder} hold no key norms (made by an older namm distill); record them again")
         line, update = _reporter("fitting", options.steps)
         try:
@@ -171,7 +171,7 @@ def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts, key_nor
         for item in wanted:
             path = folder / f"{item['_id']}-l{stride}.npz"
             record = ItemRecord.load(path) if path.is_file() else None
-            if record is None or (key_norm and any(s.key_norm is None for s in record.steps)):
+            if record is None or (key_norm and not record.has_key_norm):
                 record = record_item(lm, tokenizer, item, layers=layers)
                 record.save(path)
             result.append(record)

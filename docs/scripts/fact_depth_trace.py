@@ -34,6 +34,10 @@ from replayed_qa import answer_positions, recent_protected  # noqa: E402
 
 
 def with_key_norm(scorer, weight: float):
+    """The policy's per-head z-scored score plus ``weight`` x the NAMM key-norm
+    input (``namm_mlx.features.key_norm_feature``)."""
+    from namm_mlx.features import key_norm_feature
+
     inner = scorer.score
 
     def z(x):
@@ -43,11 +47,10 @@ def with_key_norm(scorer, weight: float):
 
     def score(context):
         s = inner(context)
-        k = context.keys.astype(mx.float32)
-        kn = -mx.log(mx.sqrt((k * k).sum(-1)) + 1e-6)
         finite = mx.isfinite(s.scores)
         base = z(mx.where(finite, s.scores, 0.0))
-        return dataclasses.replace(s, scores=mx.where(finite, base + weight * z(kn), s.scores))
+        mixed = base + weight * key_norm_feature(context.keys)[..., 0]
+        return dataclasses.replace(s, scores=mx.where(finite, mixed, s.scores))
 
     scorer.score = score
     return scorer

@@ -9,12 +9,12 @@ already ranks), averaged over heads. Positive: the NAMM keeps old tokens.
 
 import sys
 
-import mlx.core as mx
 import numpy as np
 
 from namm_mlx.bam import bam_scores
+from namm_mlx.distill.fit import recorded_embedding
 from namm_mlx.distill.record import ItemRecord
-from namm_mlx.features import RecencyTable, normalize_spectrum
+from namm_mlx.features import RecencyTable
 from namm_mlx.namm import NAMM
 
 
@@ -27,11 +27,7 @@ def main() -> None:
         for s in record.steps:
             if s.layer not in (4, 14, 24):
                 continue
-            parts = [recency(mx.array(s.ages)),
-                     normalize_spectrum(mx.array(s.ema), namm.norm_mean, namm.norm_var, namm.config.norm_eps)]
-            if namm.config.key_norm_input:
-                parts.append(mx.array(s.key_norm)[..., None])
-            scores = np.array(bam_scores(mx.concatenate(parts, -1), namm.weights, namm.config).scores)
+            scores = np.array(bam_scores(recorded_embedding([s], namm, recency)[0], namm.weights, namm.config).scores)
             corr = [np.corrcoef(np.argsort(np.argsort(scores[h])), s.ages[h])[0, 1] for h in range(scores.shape[0])]
             print(f"  layer {s.layer:2d} step {s.offset:5d}: corr(score rank, age) {np.mean(corr):+.2f}")
 

@@ -115,6 +115,17 @@ class _Group:
     target: mx.array  # [L, H, N]
 
 
+def recorded_embedding(steps: Sequence[StepRecord], namm: NAMM, recency: RecencyTable) -> mx.array:
+    """The BAM input ``[len(steps), H, N, E]`` of recorded steps of equal shape,
+    as ``namm``'s online pipeline builds it from the same features."""
+    ema = mx.array(np.stack([s.ema for s in steps]))
+    normalized = normalize_spectrum(ema, namm.norm_mean, namm.norm_var, namm.config.norm_eps)
+    parts = [recency(mx.array(np.stack([s.ages for s in steps]))), normalized]
+    if namm.config.key_norm_input:
+        parts.append(mx.array(np.stack([s.key_norm for s in steps]))[..., None])
+    return mx.concatenate(parts, axis=-1)
+
+
 def _groups(records: Sequence[ItemRecord], namm: NAMM, options: DistillOptions) -> list[_Group]:
     recency = RecencyTable(namm.config)
     by_key: dict[tuple[int, int], list[StepRecord]] = {}
@@ -123,15 +134,7 @@ def _groups(records: Sequence[ItemRecord], namm: NAMM, options: DistillOptions) 
             by_key.setdefault((i, s.offset), []).append(s)
     groups = []
     for steps in by_key.values():
-        ema = mx.array(np.stack([s.ema for s in steps]))
-        ages = mx.array(np.stack([s.ages for s in steps]))
-        normalized = normalize_spectrum(ema, namm.norm_mean, namm.norm_var, namm.config.norm_eps)
-        parts = [recency(ages), normalized]
-        if namm.config.key_norm_input:
-            if any(s.key_norm is None for s in steps):
-                raise ValueError("the recordings hold no key norms (made before they were recorded): record them again")
-            parts.append(mx.array(np.stack([s.key_norm for s in steps]))[..., None])
-        embedding = mx.concatenate(parts, axis=-1)
+        embedding = recorded_embedding(steps, namm, recency)
         target = mx.array(np.stack([log_target(s, options) for s in steps]))
         mx.eval(embedding, target)
         groups.append(_Group(embedding, target))
@@ -206,6 +209,8 @@ def fit_namm(
     """A NAMM whose scores regress the recorded log attention targets."""
     options = options or DistillOptions()
     config = config or NAMMConfig()
+    if config.key_norm_input and not all(r.has_key_norm for r in records):
+        raise ValueError("the recordings hold no key norms (made before they were recorded): record them again")
     mean, var, count = normalisation(records)
     shell = NAMM.zeros(config)
     shell = NAMM(shell.weights, mx.array(mean), mx.array(var), config, count)

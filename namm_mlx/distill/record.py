@@ -92,6 +92,12 @@ class ItemRecord:
     length: int
     steps: list[StepRecord]
 
+    @property
+    def has_key_norm(self) -> bool:
+        """Whether every step holds the key-norm input (recordings made before
+        it was recorded do not)."""
+        return all(s.key_norm is not None for s in self.steps)
+
     def save(self, path: str | Path) -> None:
         """One ``.npz`` (written to a temp name, then renamed)."""
         path = Path(path)
