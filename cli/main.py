@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import chat, convert, data, distill, evolve, serve, upload
+from .commands import chat, convert, data, distill, evolve, probe, serve, upload
 from .commands import eval as eval_command
 
 app = typer.Typer(
@@ -36,5 +36,6 @@ app.command()(evolve.evolve)
 app.command("eval", epilog=eval_command.policies_epilog())(eval_command.eval_command)
 app.command()(upload.upload)
 app.command()(distill.distill)
+app.command()(probe.probe)
 
 __all__ = ["app"]

@@ -68,6 +68,7 @@ class EvictingKVCache(_BaseCache):
         keep_fraction: float | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = quantized.DEFAULT_GROUP_SIZE,
+        layer: int | None = None,
     ) -> None:
         if max_kv_size is not None and max_kv_size < 1:
             raise ValueError(f"max_kv_size must be at least 1, got {max_kv_size}")
@@ -79,6 +80,7 @@ class EvictingKVCache(_BaseCache):
         self.keep_fraction = keep_fraction
         self.kv_bits = kv_bits
         self.kv_group_size = kv_group_size
+        self.layer = layer  # index in the model, for scorers fitted per layer
         self.keys: quantized.Storage | None = None  # an array, or a quantised triple
         self.values: quantized.Storage | None = None
         self.offset = 0  # logical tokens seen: the RoPE position of the next token
@@ -252,6 +254,7 @@ class EvictingKVCache(_BaseCache):
             new_queries=self.num_queries - self.counted_queries if self.num_queries else n_taken,
             probabilities=probabilities,
             probabilities_dtype=getattr(self.scorer, "attention_dtype", "float32"),
+            layer=self.layer,
         )
         result = self.scorer.score(context)
         del context, probabilities  # the probabilities are the step's largest transient
@@ -299,7 +302,7 @@ class EvictingKVCache(_BaseCache):
             )
         other = EvictingKVCache(
             scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction,
-            kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
+            kv_bits=self.kv_bits, kv_group_size=self.kv_group_size, layer=self.layer,
         )  # fmt: skip
         live = lambda a, n: None if a is None else a[:, :, :n]  # noqa: E731  (new arrays: no shared writes)
         other.keys, other.values = quantized.head(self.keys, self.length), quantized.head(self.values, self.length)
@@ -397,6 +400,7 @@ class EvictingKVCache(_BaseCache):
                 "keep_fraction": self.keep_fraction,
                 "kv_bits": self.kv_bits,
                 "kv_group_size": self.kv_group_size,
+                "layer": self.layer,
                 "num_scorer_state": len(self.scorer_state),
                 "scorer": self.scorer.spec(),
                 "scorer_arrays": sorted(self.scorer.arrays()),
@@ -417,6 +421,7 @@ class EvictingKVCache(_BaseCache):
         self.keep_fraction = meta["keep_fraction"]
         self.kv_bits = meta.get("kv_bits")
         self.kv_group_size = meta.get("kv_group_size", quantized.DEFAULT_GROUP_SIZE)
+        self.layer = meta.get("layer")
         self._awaiting_attention = False
         self._forward_probabilities = None
 

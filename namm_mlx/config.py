@@ -59,6 +59,11 @@ class NAMMConfig:
     #: reference. A fact that later text never looks at again leaves no mark on
     #: its attention, yet its key norm still tells it apart (KNorm's signal).
     key_norm_input: bool = False
+    #: With a key probe (``NAMM.key_probe``): each marked token also keeps the
+    #: ``key_probe_span`` slots before it. A fact is found through the phrase
+    #: that introduces it ("the magic number for X is"), which the probe, fitted
+    #: on answer tokens, does not mark itself.
+    key_probe_span: int = 0
 
     def __post_init__(self) -> None:
         for name, (kind, check, wanted) in _SCHEMA.items():
@@ -185,4 +190,5 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "attention_dtype": (str, lambda v: v in ("bfloat16", "float32"), "'bfloat16' or 'float32'"),
     "recent_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newest tokens always kept)"),
     "key_norm_input": (bool, lambda v: True, "true or false"),
+    "key_probe_span": (int, lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (slots kept before a marked token)"),
 }

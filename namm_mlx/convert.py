@@ -410,6 +410,11 @@ def export_checkpoint(
         raise ConversionError(
             f"{namm_dir}: this NAMM reads key norms (key_norm_input), an input the reference trainer does not have"
         )
+    if namm.key_probe is not None:
+        raise ConversionError(
+            f"{namm_dir}: this NAMM has a key probe, which the reference format cannot hold "
+            "(export the NAMM it was fitted onto, its --namm)"
+        )
     out = Path(out_path)
     if out.is_dir():
         raise ConversionError(f"output {out} is a directory; pass a file name such as {out / 'ckpt.pt'}")

@@ -10,6 +10,7 @@ build NAMM caches without any change to mlx-lm.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ def attach(
     family = model_type(model)
     scorer = as_scorer(namm)
     base_make_cache = getattr(type(model), "make_cache", None)
+    scorer = _without_unfit_key_probe(model, scorer, base_make_cache)
 
     def make_cache() -> list[Any]:
         install_hook()
@@ -96,11 +98,11 @@ def attach(
         return [
             EvictingKVCache(
                 scorer, max_kv_size=max_kv_size, keep_fraction=keep_fraction,
-                kv_bits=kv_bits, kv_group_size=kv_group_size,
+                kv_bits=kv_bits, kv_group_size=kv_group_size, layer=layer,
             )  # fmt: skip
             if type(c) is KVCache
             else c
-            for c in caches
+            for layer, c in enumerate(caches)
         ]
 
     model.make_cache = make_cache
@@ -116,6 +118,29 @@ def detach(model: nn.Module) -> nn.Module:
         if name in model.__dict__:
             del model.__dict__[name]
     return model
+
+
+def _without_unfit_key_probe(model: nn.Module, scorer: Scorer, base_make_cache: Any) -> Scorer:
+    """``scorer``, or its NAMM without the key probe (with a warning) when the
+    probe was fitted to keys of other shapes: a probe reads one model's keys,
+    while the BAM works on any model's attention, so the NAMM still runs."""
+    namm = getattr(scorer, "namm", None)
+    probe = getattr(namm, "key_probe", None)
+    if probe is None:
+        return scorer
+    caches = base_make_cache(model) if base_make_cache else [KVCache() for _ in model.layers]
+    mx.eval(model(mx.array([[0]]), cache=caches))
+    shapes = {(c.keys.shape[1], c.keys.shape[3]) for c in caches if type(c) is KVCache and c.keys is not None}
+    fitted = (int(probe.shape[1]), 2 * (int(probe.shape[2]) - 1))
+    if len(caches) == probe.shape[0] and shapes <= {fitted}:
+        return scorer
+    found = ", ".join(f"{h} KV heads of dimension {d}" for h, d in sorted(shapes))
+    warnings.warn(
+        f"this NAMM's key probe was fitted for {probe.shape[0]} layers x {fitted[0]} KV heads of dimension "
+        f"{fitted[1]}; this model has {len(caches)} layers with {found}: running without the probe",
+        stacklevel=3,
+    )
+    return type(scorer)(namm.without_key_probe(), ranked=getattr(scorer, "ranked", False))
 
 
 def _probe(model: nn.Module, family: str) -> None:

@@ -11,6 +11,7 @@ per-token state to kept indices and the carried state of the kept tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -101,9 +102,14 @@ class NAMM:
         config: NAMMConfig | None = None,
         norm_count: np.ndarray | None = None,
         metadata: Mapping[str, str] | None = None,
+        key_probe: Any = None,
     ) -> None:
         self.config = config or NAMMConfig()
         validate(weights, norm_mean, norm_var, norm_count, self.config)
+        #: ``[layers, KV heads, D/2 + 1]`` (:mod:`namm_mlx.key_probe`), or None.
+        #: Unlike the BAM it is fitted to one model's keys, so it is optional
+        #: and travels beside the reference weights, never inside the vector.
+        self.key_probe = None if key_probe is None else _checked_key_probe(key_probe)
         self.weights = weights
         self.norm_mean = norm_mean.astype(mx.float32)
         self.norm_var = norm_var.astype(mx.float32)
@@ -121,6 +127,7 @@ class NAMM:
         config: NAMMConfig | None = None,
         norm_count: Any = None,
         metadata: Mapping[str, str] | None = None,
+        key_probe: Any = None,
     ) -> "NAMM":
         """Unflatten a reference parameter vector (spec §5.1 layout)."""
         config = config or NAMMConfig()
@@ -137,7 +144,7 @@ class NAMM:
             offset += size
         mean, var = (_check_buffer(b, config.n_bins, name) for b, name in ((norm_mean, "mean"), (norm_var, "var")))
         count = None if norm_count is None else np.asarray(norm_count).reshape(-1)
-        return cls(BAMWeights(*tensors), mx.array(mean), mx.array(var), config, count, metadata)
+        return cls(BAMWeights(*tensors), mx.array(mean), mx.array(var), config, count, metadata, key_probe)
 
     @classmethod
     def zeros(cls, config: NAMMConfig | None = None) -> "NAMM":
@@ -149,6 +156,11 @@ class NAMM:
             np.ones(config.n_bins, np.float32),
             config,
         )
+
+    def without_key_probe(self) -> "NAMM":
+        """The same NAMM without its key probe (for a model the probe was not fitted to)."""
+        config = dataclasses.replace(self.config, key_probe_span=0)
+        return NAMM(self.weights, self.norm_mean, self.norm_var, config, self.norm_count, self.metadata)
 
     def to_flat(self) -> np.ndarray:
         """The flat float32 vector in the reference layout."""
@@ -164,6 +176,8 @@ class NAMM:
         tensors["norm.var"] = self.norm_var
         if self.norm_count is not None:
             tensors["norm.count"] = mx.array(self.norm_count.astype(np.int64))
+        if self.key_probe is not None:
+            tensors["key_probe"] = self.key_probe
         return tensors
 
     # --------------------------------------------------------------------- io
@@ -226,6 +240,7 @@ class NAMM:
                 config,
                 None if count is None else np.asarray(count),
                 meta,
+                tensors.get("key_probe"),
             )
         except NAMMFormatError as err:
             raise NAMMFormatError(f"{weights_path}: {err}") from None
@@ -299,6 +314,15 @@ class NAMM:
         scores, state, features, bam = self.score(attn, positions, carried, keys)
         kept = select_kept(scores, self.config.threshold, max_keep)
         return StepResult(kept, state.gather(kept), scores, features, bam)
+
+
+def _checked_key_probe(probe: Any) -> mx.array:
+    """A ``[layers, heads, D/2 + 1]`` float array of finite values, or a clear error."""
+    values = _float_values(probe, "key_probe")
+    if values.ndim != 3 or min(values.shape) < 1 or values.shape[-1] < 2:
+        raise NAMMFormatError(f"key_probe must be [layers, heads, D/2 + 1], got shape {list(values.shape)}")
+    _require_finite(values, "key_probe")
+    return mx.array(_float32(values))
 
 
 def validate(

@@ -68,14 +68,23 @@ def replay(
     upto: int | None = None,
     step: int = 512,
     on_block: Callable[[list[EvictingKVCache]], None] | None = None,
+    layer_ids: Sequence[int] | None = None,
 ) -> list[EvictingKVCache]:
     """Fresh caches from ``make_cache`` fed the first ``upto`` recorded tokens in
     ``step``-aligned blocks, exactly as the attention hook feeds them (append,
     then observe the queries: steps fire where they would online).
 
     on_block: called with the caches after every block.
+    layer_ids: each recorded layer's index in the model (default: all layers
+    in order), given to caches built without one for per-layer scorers.
     """
+    ids = range(len(layers)) if layer_ids is None else list(layer_ids)
+    if len(ids) != len(layers):
+        raise ValueError(f"{len(layers)} recorded layers but {len(ids)} layer ids")
     caches = [make_cache() for _ in layers]
+    for cache, layer in zip(caches, ids):
+        if cache.layer is None:
+            cache.layer = layer
     total = layers[0][0].shape[2] if upto is None else upto
     done = 0
     while done < total:

@@ -53,15 +53,15 @@ def document(tmp_path: Path, chars: int) -> Path:
 
 @pytest.mark.real_model
 def test_generate_finds_planted_fact(tmp_path, namm_dir):
-    doc = document(tmp_path, 16000)  # ~4k tokens
+    doc = document(tmp_path, 10000)  # ~2.5k tokens: three eviction steps under the cap
     cache_file = tmp_path / "doc-cache.safetensors"
-    args = ["--doc", str(doc), "--namm", str(namm_dir), "--max-kv-size", "1536", "--max-tokens", "24"]
+    args = ["--doc", str(doc), "--namm", str(namm_dir), "--max-kv-size", "1024", "--max-tokens", "24"]
     first = run_namm("generate", *args, "--prompt", "What is the secret code of the library?",
                      "--prompt-cache-file", str(cache_file), "--verbose")  # fmt: skip
     assert first.returncode == 0, first.stderr
     assert "7314" in first.stdout, first.stdout
     prefilled = re.search(r"document: ([\d,]+) tokens prefilled", first.stderr)
-    assert prefilled and 3800 < int(prefilled.group(1).replace(",", "")) < 4600, first.stderr
+    assert prefilled and 2200 < int(prefilled.group(1).replace(",", "")) < 2900, first.stderr
     assert cache_file.exists()
     # Second invocation reuses the prefilled document: no "document:" prefill line.
     second = run_namm("generate", *args, "--prompt", "-", "--prompt-cache-file", str(cache_file),

@@ -35,33 +35,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from namm_mlx.eval.facts import answer_positions
+
 BASELINES = "h2o,tova,snapkv,knorm,streaming,random"
 TASKS = "needle,multi_needle,passkey,kjv_verse,chapter"
-
-
-def find_positions(document: list[int], answer_tokens: list[list[int]]) -> list[int]:
-    """Document positions of the first occurrence of each answer's tokens."""
-    found: list[int] = []
-    for tokens in answer_tokens:
-        n = len(tokens)
-        for start in range(len(document) - n + 1):
-            if document[start : start + n] == tokens:
-                found.extend(range(start, start + n))
-                break
-    return found
-
-
-def answer_positions(tokenizer, document: list[int], answers: list[str]) -> list[int]:
-    from namm_mlx.eval.prompts import encode
-
-    positions: list[int] = []
-    for a in answers:
-        for variant in (" " + a, a):
-            hit = find_positions(document, [encode(tokenizer, variant)])
-            if hit:
-                positions.extend(hit)
-                break
-    return sorted(set(positions))
 
 
 def fact_survival(caches, positions: list[int]) -> tuple[float | None, float | None]:
@@ -116,6 +93,24 @@ def recent_protected(scorer, window: int):
         s = inner(context)
         lifted = protect_recent(s.scores.astype(mx.float32), context.positions, context.offset, window, float("-inf"))
         return dataclasses.replace(s, scores=lifted)
+
+    scorer.score = score
+    return scorer
+
+
+def probe_protected(scorer, probe):
+    """``scorer`` with the tokens a key probe marks kept first (what a NAMM with
+    a key probe does; ``namm_mlx.key_probe``), so any rule can be given it."""
+    import dataclasses
+
+    from namm_mlx.key_probe import probe_scores, protect_marked
+
+    inner = scorer.score
+
+    def score(context):
+        s = inner(context)
+        marks = probe_scores(context.keys, probe[context.layer])
+        return dataclasses.replace(s, scores=protect_marked(s.scores.astype(mx.float32), marks, float("-inf")))
 
     scorer.score = score
     return scorer
@@ -185,11 +180,13 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="+", help="results JSONL (several with --summary)")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
-    parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens")
+    parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens, NAME+k keeps --probe's marked tokens first")
+    parser.add_argument("--probe", help="a NAMM folder whose key probe NAME+k policies use")
     parser.add_argument("--tasks", default=TASKS)
     parser.add_argument("--lengths", default="2048")
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--indices", help="only these item indices per task (comma-separated; default: all below --limit)")
     parser.add_argument("--budgets", default="0.25,0.5,1024")
     parser.add_argument("--no-generate", action="store_true", help="likelihood and fact survival only (score: null)")
     args = parser.parse_args()
@@ -222,6 +219,9 @@ def main() -> None:
     model, tok = load_model(None, dtype="float32")
     items = make_items(args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.limit, args.seed,
                        TextSource.from_cache(), tok)
+    if args.indices:
+        wanted = {int(i) for i in args.indices.split(",")}
+        items = [it for it in items if int(it["_id"].split("-")[-2]) in wanted]
     install_hook()
     for item in items:
         todo = [("full", "-")] + [(p, b) for p in policies for b in budgets]
@@ -247,7 +247,7 @@ def main() -> None:
         print(f"{item['_id']}: doc {doc_len} tokens, facts at {len(facts)} positions, recorded in "
               f"{time.time() - start:.0f}s, full answer log-prob {full_lp:.3f}", flush=True)
         for policy, budget in todo:
-            base, options = policy.split("+")[0], {o[0]: int(o[1:]) for o in policy.split("+")[1:]}
+            base, options = policy.split("+")[0], {o[0]: int(o[1:] or 1) for o in policy.split("+")[1:]}
             t0 = time.time()
             if policy == "full":
                 caches = full  # already replayed for the reference likelihood; answering consumes it
@@ -261,6 +261,8 @@ def main() -> None:
                     scorer = pooled(scorer, options["p"])
                 if "r" in options:
                     scorer = recent_protected(scorer, options["r"])
+                if "k" in options:
+                    scorer = probe_protected(scorer, NAMM.load(args.probe).key_probe)
                 caches = run(scorer, size)
             replay_seconds = time.time() - t0
             kept, whole = fact_survival(caches, facts)

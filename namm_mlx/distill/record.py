@@ -156,7 +156,10 @@ def record_item(
     features = {}
     for layer in chosen:
         recorder = FeatureRecorder(config)
-        replayed = replay([recorded[layer]], caches[0].scale, lambda: EvictingKVCache(recorder), upto=doc_length, step=config.update_interval)
+        replayed = replay(
+            [recorded[layer]], caches[0].scale, lambda: EvictingKVCache(recorder),
+            upto=doc_length, step=config.update_interval, layer_ids=[layer],
+        )  # fmt: skip
         evict_now(replayed)  # the step at the document's end, before the question
         features[layer] = recorder.steps
         del replayed

@@ -205,10 +205,12 @@ def replay_document(
 
 
 def replay_kept_sets(
-    layers: Sequence[Any], scale: float, make_cache: Any, document_length: int, step: int = 512
+    layers: Sequence[Any], scale: float, make_cache: Any, document_length: int, step: int = 512,
+    layer_ids: Sequence[int] | None = None,
 ) -> tuple[list[KeptSnapshot], list[EvictingKVCache]]:
     """:func:`replay_document` on recorded ``(keys, values, queries)`` layers
-    (any subset of a model's layers) and caches from ``make_cache()``."""
+    (any subset of a model's layers, whose indices ``layer_ids`` gives) and
+    caches from ``make_cache()``."""
     from ..recording import replay
     from .recall import snapshot
 
@@ -218,7 +220,7 @@ def replay_kept_sets(
         if all(c.n_new == 0 for c in caches):
             trace.append(snapshot(caches))
 
-    caches = replay(layers, scale, make_cache, upto=document_length, step=step, on_block=after_block)
+    caches = replay(layers, scale, make_cache, upto=document_length, step=step, on_block=after_block, layer_ids=layer_ids)
     if evict_now(caches) or not trace:
         trace.append(snapshot(caches))
     return trace, caches

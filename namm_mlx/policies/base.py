@@ -50,6 +50,9 @@ class EvictionContext:
     #: rounded as ``probabilities_dtype`` says.
     probabilities: mx.array | None = None
     probabilities_dtype: str = "float32"
+    #: the cache's layer index (None: the cache was built without one), for
+    #: scorers whose weights differ by layer
+    layer: int | None = None
 
     def attention(self, rows: int | None = None, dtype: str = "float32") -> mx.array:
         """GQA-averaged attention ``[B, H, rows, N]`` of the newest ``rows``

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import NAMMConfig
+from ..key_probe import probe_scores, protect_marked, spread_marks
 from ..namm import NAMM, TokenFeatures, TokenState
 from ..selection import protect_newest, protect_recent, shared_keep_count
 from .base import EvictionContext, Policy, Scores
@@ -66,6 +67,8 @@ class NAMMScorer(Policy):
         attn, carried = self._inputs(context)
         scores, state, _, _ = self.namm.score(attn, context.positions, carried, self._keys(context))
         config = self.namm.config
+        if self.namm.key_probe is not None:
+            scores = protect_marked(scores, self._marks(context), config.threshold)
         scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
         keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
         return Scores(scores, [state.attn_tail, state.ema], keep)
@@ -74,6 +77,21 @@ class NAMMScorer(Policy):
         """The token features of this step (no scoring)."""
         attn, carried = self._inputs(context)
         return self.namm.token_features(attn, context.positions, carried, self._keys(context))
+
+    def _marks(self, context: EvictionContext) -> mx.array:
+        """The key probe's scores for this layer's slots (``>= 0``: keep first)."""
+        probe = self.namm.key_probe
+        if context.layer is None:
+            raise ValueError("this NAMM has a key probe, which is fitted per layer: the cache needs its layer index")
+        if context.layer >= probe.shape[0] or context.keys.shape[1] != probe.shape[1] or (
+            context.keys.shape[-1] != 2 * (probe.shape[2] - 1)
+        ):
+            raise ValueError(
+                f"this NAMM's key probe was fitted for {probe.shape[0]} layers x {probe.shape[1]} KV heads of "
+                f"dimension {2 * (probe.shape[2] - 1)}; layer {context.layer} has {context.keys.shape[1]} heads "
+                f"of dimension {context.keys.shape[-1]} (another model?)"
+            )
+        return spread_marks(probe_scores(context.keys, probe[context.layer]), self.namm.config.key_probe_span)
 
     def _keys(self, context: EvictionContext) -> mx.array | None:
         return context.keys if self.namm.config.key_norm_input else None
@@ -93,11 +111,14 @@ class NAMMScorer(Policy):
         return spec
 
     def arrays(self) -> dict[str, mx.array]:
-        return {
+        arrays = {
             "namm_vector": mx.array(self.namm.to_flat()),
             "namm_norm_mean": self.namm.norm_mean,
             "namm_norm_var": self.namm.norm_var,
         }
+        if self.namm.key_probe is not None:
+            arrays["namm_key_probe"] = self.namm.key_probe
+        return arrays
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], arrays: dict[str, mx.array]) -> "NAMMScorer":
@@ -107,5 +128,6 @@ class NAMMScorer(Policy):
             np.asarray(arrays["namm_norm_mean"]),
             np.asarray(arrays["namm_norm_var"]),
             config,
+            key_probe=arrays.get("namm_key_probe"),
         )
         return cls(namm, ranked=bool(spec.get("ranked", False)))
