@@ -98,18 +98,19 @@ def recent_protected(scorer, window: int):
     return scorer
 
 
-def probe_protected(scorer, probe):
-    """``scorer`` with the tokens a key probe marks kept first (what a NAMM with
-    a key probe does; ``namm_mlx.key_probe``), so any rule can be given it."""
+def probe_protected(scorer, probe, span: int = 0):
+    """``scorer`` with the tokens a key probe marks (and the ``span`` slots
+    before each) kept first, as a NAMM with a key probe keeps them
+    (``namm_mlx.key_probe``), so any rule can be given it."""
     import dataclasses
 
-    from namm_mlx.key_probe import probe_scores, protect_marked
+    from namm_mlx.key_probe import probe_scores, protect_marked, spread_marks
 
     inner = scorer.score
 
     def score(context):
         s = inner(context)
-        marks = probe_scores(context.keys, probe[context.layer])
+        marks = spread_marks(probe_scores(context.keys, probe[context.layer]), span)
         return dataclasses.replace(s, scores=protect_marked(s.scores.astype(mx.float32), marks, float("-inf")))
 
     scorer.score = score
@@ -141,7 +142,12 @@ def summary(paths: list[Path], policies: list[str] | None = None) -> None:
     only on the items every one of them (and the full cache) was run on."""
     from namm_mlx.eval.bootstrap import bootstrap_interval
 
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    rows, seen = [], set()
+    for row in (json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()):
+        key = (row["item"], row["policy"], str(row["budget"]))
+        if key not in seen:  # one row per item, policy and budget (files may repeat the full cache)
+            seen.add(key)
+            rows.append(row)
     if policies:
         rows = [r for r in rows if r["policy"] in policies or r["policy"] == "full"]
         has: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -180,7 +186,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="+", help="results JSONL (several with --summary)")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
-    parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens, NAME+k keeps --probe's marked tokens first")
+    parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens, NAME+kS keeps --probe's marked tokens (and S tokens before each; +k: none) first")
     parser.add_argument("--probe", help="a NAMM folder whose key probe NAME+k policies use")
     parser.add_argument("--tasks", default=TASKS)
     parser.add_argument("--lengths", default="2048")
@@ -247,7 +253,7 @@ def main() -> None:
         print(f"{item['_id']}: doc {doc_len} tokens, facts at {len(facts)} positions, recorded in "
               f"{time.time() - start:.0f}s, full answer log-prob {full_lp:.3f}", flush=True)
         for policy, budget in todo:
-            base, options = policy.split("+")[0], {o[0]: int(o[1:] or 1) for o in policy.split("+")[1:]}
+            base, options = policy.split("+")[0], {o[0]: int(o[1:] or 0) for o in policy.split("+")[1:]}
             t0 = time.time()
             if policy == "full":
                 caches = full  # already replayed for the reference likelihood; answering consumes it
@@ -262,7 +268,7 @@ def main() -> None:
                 if "r" in options:
                     scorer = recent_protected(scorer, options["r"])
                 if "k" in options:
-                    scorer = probe_protected(scorer, NAMM.load(args.probe).key_probe)
+                    scorer = probe_protected(scorer, NAMM.load(args.probe).key_probe, options["k"])
                 caches = run(scorer, size)
             replay_seconds = time.time() - t0
             kept, whole = fact_survival(caches, facts)
