@@ -209,3 +209,16 @@ def test_attach_drops_a_probe_fitted_to_other_keys_with_a_warning(model, probe):
         assert model.namm_scorer.namm.key_probe is not None
     finally:
         namm_mlx.detach(model)
+
+
+def test_replayed_caches_carry_the_recorded_layers_model_indices(model):
+    from namm_mlx.cache import EvictingKVCache
+    from namm_mlx.policies import FullScorer
+    from namm_mlx.recording import record_full_cache, recorded_layers, replay
+
+    layers = recorded_layers(record_full_cache(model, _document(4, 64, 2)[0], 32))
+    assert [c.layer for c in replay(layers, 0.25, lambda: EvictingKVCache(FullScorer()), step=32)] == [0, 1, 2]
+    picked = replay([layers[2]], 0.25, lambda: EvictingKVCache(FullScorer()), step=32, layer_ids=[2])
+    assert [c.layer for c in picked] == [2]
+    with pytest.raises(ValueError, match="1 recorded layers but 2 layer ids"):
+        replay([layers[2]], 0.25, lambda: EvictingKVCache(FullScorer()), step=32, layer_ids=[1, 2])

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from heldout_recall import SEED, TASKS, load_recording  # noqa: E402
+from heldout_recall import LAYERS, SEED, TASKS, load_recording  # noqa: E402
 from replayed_qa import answer_positions, fact_survival  # noqa: E402
 
 RECORDINGS = Path(__file__).parents[1] / "recall-heldout-3k-recordings"
@@ -73,7 +73,7 @@ def main() -> None:
             scorer = make_scorer("namm", namm=namms[policy], ranked=True) if policy in namms else make_scorer(policy, interval=512)
             start = time.time()
             make = lambda: EvictingKVCache(scorer, max_kv_size=size)  # noqa: E731
-            trace, caches = replay_kept_sets(layers, scale, make, doc_length)
+            trace, caches = replay_kept_sets(layers, scale, make, doc_length, layer_ids=LAYERS)
             kept, whole = fact_survival(caches, facts)
             r = future_attention_recall(future, trace)
             row = {"item": item["_id"], "task": item["dataset"], "policy": policy, "budget": budget, "facts": len(facts),

@@ -105,7 +105,7 @@ def main() -> None:
             size = budget if budget > 1 else math.ceil(budget * doc_length)
             scorer = make_scorer("namm", namm=loaded[policy], ranked=True) if policy in loaded else make_scorer(policy, interval=512)
             start = time.time()
-            r = replay_recall(layers, scale, future, lambda: EvictingKVCache(scorer, max_kv_size=int(size)))
+            r = replay_recall(layers, scale, future, lambda: EvictingKVCache(scorer, max_kv_size=int(size)), layer_ids=LAYERS)
             record = {"item": item["_id"], "task": item["dataset"], "length": item["length"], "doc_length": doc_length,
                       "policy": policy, "budget": budget, "recall": r.mean, "recall_final": r.final,
                       "question_final": r.question_final, "per_layer": [float(x) for x in r.per_layer],

@@ -26,7 +26,9 @@ def replay_recall(
     future: FutureAttention,
     make_cache: Callable[[], EvictingKVCache],
     step: int = 512,
+    layer_ids: Sequence[int] | None = None,
 ) -> RecallResult:
-    """Recall of the policy behind ``make_cache`` while the document is read."""
-    trace, _ = replay_kept_sets(layers, scale, make_cache, future.doc_length, step)
+    """Recall of the policy behind ``make_cache`` while the document is read;
+    ``layer_ids``: the recorded layers' indices in the model (default: all, in order)."""
+    trace, _ = replay_kept_sets(layers, scale, make_cache, future.doc_length, step, layer_ids)
     return future_attention_recall(future, trace)
