@@ -214,6 +214,9 @@ def main() -> None:
 
     namms = {k: NAMM.load(v) for k, v in (a.split("=", 1) for a in args.namm.split(",") if a)}
     policies = [p for p in args.policies.split(",") if p]
+    if any("+k" in p for p in policies) and not args.probe:
+        parser.error("a NAME+kS policy needs --probe DIR (a NAMM folder with a key probe)")
+    probe = NAMM.load(args.probe).key_probe if args.probe else None
     policies += [n for n in namms if n not in {p.split("+")[0] for p in policies}]  # a NAMM named only with options runs only with them
     budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     done = set()
@@ -268,7 +271,7 @@ def main() -> None:
                 if "r" in options:
                     scorer = recent_protected(scorer, options["r"])
                 if "k" in options:
-                    scorer = probe_protected(scorer, NAMM.load(args.probe).key_probe, options["k"])
+                    scorer = probe_protected(scorer, probe, options["k"])
                 caches = run(scorer, size)
             replay_seconds = time.time() - t0
             kept, whole = fact_survival(caches, facts)
