@@ -20,6 +20,7 @@ from mlx_lm.models.cache import KVCache
 
 from .cache import EvictingKVCache, Scorer, UnsupportedModelError
 from .hook import install_hook
+from .key_probe import probe_misfit
 from .namm import NAMM, NAMMFormatError
 from .quantized import check_bits
 from .policies import NAMMScorer
@@ -131,15 +132,11 @@ def _without_unfit_key_probe(model: nn.Module, scorer: Scorer, base_make_cache: 
     caches = base_make_cache(model) if base_make_cache else [KVCache() for _ in model.layers]
     mx.eval(model(mx.array([[0]]), cache=caches))
     shapes = {(c.keys.shape[1], c.keys.shape[3]) for c in caches if type(c) is KVCache and c.keys is not None}
-    fitted = (int(probe.shape[1]), 2 * (int(probe.shape[2]) - 1))
-    if len(caches) == probe.shape[0] and shapes <= {fitted}:
+    misfit = probe_misfit(probe, shapes, len(caches) == probe.shape[0])
+    if misfit is None:
         return scorer
     found = ", ".join(f"{h} KV heads of dimension {d}" for h, d in sorted(shapes))
-    warnings.warn(
-        f"this NAMM's key probe was fitted for {probe.shape[0]} layers x {fitted[0]} KV heads of dimension "
-        f"{fitted[1]}; this model has {len(caches)} layers with {found}: running without the probe",
-        stacklevel=3,
-    )
+    warnings.warn(f"{misfit}; this model has {len(caches)} layers with {found}: running without the probe", stacklevel=3)
     return type(scorer)(namm.without_key_probe(), ranked=getattr(scorer, "ranked", False))
 
 

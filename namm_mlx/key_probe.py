@@ -48,6 +48,16 @@ def probe_scores(keys: mx.array, probe: mx.array) -> mx.array:
     return (features * weights[None, :, None, :]).sum(-1) + bias[None, :, None]
 
 
+def probe_misfit(probe: mx.array, shapes: Iterable[tuple[int, int]], layers_fit: bool = True) -> str | None:
+    """Why ``probe`` cannot read keys of ``shapes`` (KV heads, head dimension),
+    or None when it can. Its weights are per layer, KV head and RoPE pair, so a
+    key of any other shape comes from another model."""
+    heads, dim = int(probe.shape[1]), 2 * (int(probe.shape[2]) - 1)
+    if layers_fit and set(shapes) <= {(heads, dim)}:
+        return None
+    return f"this NAMM's key probe was fitted for {probe.shape[0]} layers x {heads} KV heads of dimension {dim}"
+
+
 def spread_marks(marks: mx.array, span: int) -> mx.array:
     """Marks ``[..., N]`` where each slot also takes the mark of any of the
     ``span`` slots after it (less a little per slot of distance, so the marked

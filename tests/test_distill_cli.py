@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from cli_process import TEXT, assert_one_line_error, run_namm
 from namm_mlx.namm import NAMM
-
-TEXT = Path(__file__).parent / "data" / "pride_and_prejudice.txt"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _namm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
 
 
 @pytest.mark.real_model
 def test_distill_writes_a_namm_with_its_provenance_and_reuses_recordings(tmp_path):
     args = ["distill", "--out", str(tmp_path / "d"), "--text", str(TEXT), "--tasks", "passkey", "--lengths", "700",
             "--items", "1", "--steps", "3", "--window", "256", "--layer-stride", "15", "--keep", "0.4"]
-    first = _namm(*args, cwd=tmp_path)
+    first = run_namm(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     namm = NAMM.load(tmp_path / "d")
     provenance = json.loads((tmp_path / "d" / "namm_config.json").read_text())["provenance"]
@@ -39,7 +26,7 @@ def test_distill_writes_a_namm_with_its_provenance_and_reuses_recordings(tmp_pat
     records = list((tmp_path / "d-records").glob("*.npz"))
     assert len(records) == 1
     stamp = records[0].stat().st_mtime_ns
-    again = _namm(*args[:2], str(tmp_path / "e"), *args[3:], "--records", str(tmp_path / "d-records"), cwd=tmp_path)
+    again = run_namm(*args[:2], str(tmp_path / "e"), *args[3:], "--records", str(tmp_path / "d-records"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert records[0].stat().st_mtime_ns == stamp, "the recording is reused, not redone"
 
@@ -54,11 +41,8 @@ def test_distill_writes_a_namm_with_its_provenance_and_reuses_recordings(tmp_pat
     ],
 )
 def test_bad_options_are_one_line(tmp_path, args, message):
-    result = _namm("distill", "--out", str(tmp_path / "d"), "--text", str(TEXT), *args, cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    result = run_namm("distill", "--out", str(tmp_path / "d"), "--text", str(TEXT), *args, cwd=tmp_path)
+    assert_one_line_error(result, message)
 
 
 def test_recorded_only_fits_without_a_model_and_refuses_an_empty_folder(tmp_path):
@@ -72,13 +56,13 @@ def test_recorded_only_fits_without_a_model_and_refuses_an_empty_folder(tmp_path
     ]
     (tmp_path / "r").mkdir()
     ItemRecord("made-by-hand", 32, 40, steps).save(tmp_path / "r" / "a.npz")
-    ok = _namm("distill", "--out", str(tmp_path / "d"), "--records", str(tmp_path / "r"), "--recorded-only",
-               "--steps", "2", "--window", "16", cwd=tmp_path)
+    ok = run_namm("distill", "--out", str(tmp_path / "d"), "--records", str(tmp_path / "r"), "--recorded-only",
+                  "--steps", "2", "--window", "16", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     data = json.loads(json.loads((tmp_path / "d" / "namm_config.json").read_text())["provenance"]["distill_data"])
     assert data["documents"] == ["made-by-hand"] and data["recorded_only"] is True
     (tmp_path / "empty").mkdir()
-    empty = _namm("distill", "--out", str(tmp_path / "e"), "--records", str(tmp_path / "empty"), "--recorded-only", cwd=tmp_path)
+    empty = run_namm("distill", "--out", str(tmp_path / "e"), "--records", str(tmp_path / "empty"), "--recorded-only", cwd=tmp_path)
     assert empty.returncode != 0 and "no recordings" in empty.stderr and "Traceback" not in empty.stderr
 
 
@@ -96,14 +80,14 @@ def test_key_norm_and_no_recency_fits_from_recordings(tmp_path):
         (tmp_path / name).mkdir()
         ItemRecord("by-hand", 32, 40, [step(key_norm)]).save(tmp_path / name / "a.npz")
     common = ["--recorded-only", "--steps", "2", "--window", "16"]
-    ok = _namm("distill", "--out", str(tmp_path / "kn"), "--records", str(tmp_path / "with"), "--key-norm", "--no-recency",
-               *common, cwd=tmp_path)
+    ok = run_namm("distill", "--out", str(tmp_path / "kn"), "--records", str(tmp_path / "with"), "--key-norm", "--no-recency",
+                  *common, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     namm = NAMM.load(tmp_path / "kn")
     assert namm.config.key_norm_input and namm.to_flat().shape == (namm.config.param_size,)
     assert not np.any(np.array(namm.weights.qkv_weight)[: namm.config.recency_dim])
-    old = _namm("distill", "--out", str(tmp_path / "old"), "--records", str(tmp_path / "without"), "--key-norm",
-                *common, cwd=tmp_path)
+    old = run_namm("distill", "--out", str(tmp_path / "old"), "--records", str(tmp_path / "without"), "--key-norm",
+                   *common, cwd=tmp_path)
     lines = [l for l in old.stderr.splitlines() if l.strip()]
     assert old.returncode != 0 and len(lines) == 1 and "hold no key norms" in lines[0], old.stderr
     assert not (tmp_path / "old").exists()

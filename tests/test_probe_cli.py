@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli_process import REPO, TEXT, assert_one_line_error, run_namm
 from namm_mlx.namm import NAMM
 
-TEXT = Path(__file__).parent / "data" / "pride_and_prejudice.txt"
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "weights" / "default"
-
-
-def _namm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
-    )
 
 
 @pytest.mark.real_model
 def test_probe_writes_the_default_namm_with_a_probe_for_every_layer(tmp_path):
-    result = _namm("probe", "--out", str(tmp_path / "p"), "--text", str(TEXT), "--tasks", "passkey,needle",
-                   "--lengths", "512", "--items", "1", "--marked-share", "0.05", "--span", "4", cwd=tmp_path)  # fmt: skip
+    result = run_namm("probe", "--out", str(tmp_path / "p"), "--text", str(TEXT), "--tasks", "passkey,needle",
+                      "--lengths", "512", "--items", "1", "--marked-share", "0.05", "--span", "4", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     probed, base = NAMM.load(tmp_path / "p"), NAMM.load(DEFAULT)
     assert probed.key_probe.shape == (30, 3, 33)  # SmolLM2-135M: 30 layers, 3 KV heads of dimension 64
@@ -50,9 +38,6 @@ def test_probe_writes_the_default_namm_with_a_probe_for_every_layer(tmp_path):
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(tmp_path, args, message):
-    result = _namm("probe", "--out", str(tmp_path / "p"), "--text", str(TEXT), *args, cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    result = run_namm("probe", "--out", str(tmp_path / "p"), "--text", str(TEXT), *args, cwd=tmp_path)
+    assert_one_line_error(result, message)
     assert not (tmp_path / "p").exists()

@@ -42,6 +42,28 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
+def training_tasks(tasks: str, seed: int) -> list[str]:
+    """The task names of ``--tasks``, refused in one line when the seed is the
+    evaluation's (training on the items a table scores would flatter it) or a
+    name is unknown."""
+    if seed == EVAL_SEED:
+        raise DistillError("seed 0 builds namm eval's items; train on other documents (--seed 1000)")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = sorted(set(names) - set(TASK_NAMES))
+    if unknown:
+        raise DistillError(f"unknown task {unknown[0]!r}; known: {', '.join(TASK_NAMES)}")
+    return names
+
+
+def training_items(tasks: list[str], lengths: list[int], n: int, seed: int, texts, tokenizer) -> list[dict]:
+    """Training documents built from ``--text`` files, else the offline texts
+    (the KJV only when a task needs it, so other tasks run without it)."""
+    from namm_mlx.eval.tasks import TextSource, make_items
+
+    source = TextSource.from_files(texts) if texts else TextSource.from_cache(kjv="kjv_verse" in tasks)
+    return make_items(tasks, lengths, n, seed, source, tokenizer)
+
+
 def _reporter(what: str, total: int) -> tuple[StatusLine, Callable[[int, str], None]]:
     """A status line and ``update(done, info)`` printing ``what done/total info elapsed<eta``."""
     line, start = StatusLine(), time.perf_counter()
@@ -108,12 +130,7 @@ def distill(
 ) -> None:
     """Distil a NAMM from full-cache attention: record documents once, fit by gradient, calibrate."""
     with user_errors():
-        if seed == EVAL_SEED:
-            raise DistillError("seed 0 builds namm eval's items; train on other documents (--seed 1000)")
-        task_names = [t.strip() for t in tasks.split(",") if t.strip()]
-        unknown = sorted(set(task_names) - set(TASK_NAMES))
-        if unknown:
-            raise DistillError(f"unknown task {unknown[0]!r}; known: {', '.join(TASK_NAMES)}")
+        task_names = training_tasks(tasks, seed)
         doc_lengths = _ints(lengths, "--lengths")
         try:
             options = DistillOptions(
@@ -157,14 +174,12 @@ def distill(
 def _record(model, tasks, lengths, n, seed, stride, folder: Path, texts, key_norm: bool = False) -> list[ItemRecord]:
     """Record every training document not already in ``folder`` (again when a
     key-norm fit finds one recorded without key norms)."""
-    from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.models import load_model
 
     folder.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = load_model(model, dtype="float32")
     layers = list(range(0, len(lm.layers), stride))
-    source = TextSource.from_files(texts) if texts else TextSource.from_cache(kjv="kjv_verse" in tasks)
-    wanted = make_items(tasks, lengths, n, seed, source, tokenizer)
+    wanted = training_items(tasks, lengths, n, seed, texts, tokenizer)
     result = []
     line, update = _reporter("recording", len(wanted))
     try:

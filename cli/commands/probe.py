@@ -16,11 +16,10 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from namm_mlx.eval.tasks import TASK_NAMES
 from namm_mlx.integration import DEFAULT_NAMM_DIR
 
 from ..errors import user_errors
-from .distill import EVAL_SEED, DistillError, _ints, _reporter
+from .distill import DistillError, _ints, _reporter, training_items, training_tasks
 
 #: Tasks whose answers are spans of the document (the kjv verse's answer is a
 #: whole verse: its keys look like every other verse's, see docs/results.md).
@@ -54,24 +53,17 @@ def probe(
     from namm_mlx import NAMM
     from namm_mlx.distill.record import item_tokens
     from namm_mlx.eval.facts import answer_positions
-    from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.key_probe import document_features, fit_probe
     from namm_mlx.models import load_model
 
     with user_errors():
-        if seed == EVAL_SEED:
-            raise DistillError("seed 0 builds namm eval's items; train on other documents (--seed 1000)")
+        task_names = training_tasks(tasks, seed)
         if not 0.0 < marked_share < 1.0:
             raise DistillError(f"--marked-share must be between 0 and 1 (exclusive), got {marked_share}")
-        task_names = [t.strip() for t in tasks.split(",") if t.strip()]
-        unknown = sorted(set(task_names) - set(TASK_NAMES))
-        if unknown:
-            raise DistillError(f"unknown task {unknown[0]!r}; known: {', '.join(TASK_NAMES)}")
         doc_lengths = _ints(lengths, "--lengths")
         base = NAMM.load(namm)
         lm, tokenizer = load_model(model, dtype="float32")
-        source = TextSource.from_files(text) if text else TextSource.from_cache(kjv="kjv_verse" in task_names)
-        wanted = make_items(task_names, doc_lengths, items, seed, source, tokenizer)
+        wanted = training_items(task_names, doc_lengths, items, seed, text, tokenizer)
         documents = []
         line, update = _reporter("reading", len(wanted))
         try:

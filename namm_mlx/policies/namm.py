@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import NAMMConfig
-from ..key_probe import probe_scores, protect_marked, spread_marks
+from ..key_probe import probe_misfit, probe_scores, protect_marked, spread_marks
 from ..namm import NAMM, TokenFeatures, TokenState
 from ..selection import protect_newest, protect_recent, shared_keep_count
 from .base import EvictionContext, Policy, Scores
@@ -83,14 +83,10 @@ class NAMMScorer(Policy):
         probe = self.namm.key_probe
         if context.layer is None:
             raise ValueError("this NAMM has a key probe, which is fitted per layer: the cache needs its layer index")
-        if context.layer >= probe.shape[0] or context.keys.shape[1] != probe.shape[1] or (
-            context.keys.shape[-1] != 2 * (probe.shape[2] - 1)
-        ):
-            raise ValueError(
-                f"this NAMM's key probe was fitted for {probe.shape[0]} layers x {probe.shape[1]} KV heads of "
-                f"dimension {2 * (probe.shape[2] - 1)}; layer {context.layer} has {context.keys.shape[1]} heads "
-                f"of dimension {context.keys.shape[-1]} (another model?)"
-            )
+        heads, dim = context.keys.shape[1], context.keys.shape[-1]
+        misfit = probe_misfit(probe, {(heads, dim)}, context.layer < probe.shape[0])
+        if misfit:
+            raise ValueError(f"{misfit}; layer {context.layer} has {heads} heads of dimension {dim} (another model?)")
         return spread_marks(probe_scores(context.keys, probe[context.layer]), self.namm.config.key_probe_span)
 
     def _keys(self, context: EvictionContext) -> mx.array | None:
