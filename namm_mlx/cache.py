@@ -255,6 +255,7 @@ class EvictingKVCache(_BaseCache):
             probabilities=probabilities,
             probabilities_dtype=getattr(self.scorer, "attention_dtype", "float32"),
             layer=self.layer,
+            budget=None if self.max_kv_size is None and self.keep_fraction is None else self.keep_limit(),
         )
         result = self.scorer.score(context)
         del context, probabilities  # the probabilities are the step's largest transient

@@ -64,6 +64,11 @@ class NAMMConfig:
     #: that introduces it ("the magic number for X is"), which the probe, fitted
     #: on answer tokens, does not mark itself.
     key_probe_span: int = 0
+    #: Under a fixed budget, marked slots take at most this share of it (the
+    #: surest first); the rest is ranked by the BAM. Marks that later text
+    #: never attends to cost the cache what attention needs, so a small share
+    #: keeps the facts and leaves the budget to the BAM.
+    key_probe_share: float = 1.0
 
     def __post_init__(self) -> None:
         for name, (kind, check, wanted) in _SCHEMA.items():
@@ -191,4 +196,5 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "recent_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newest tokens always kept)"),
     "key_norm_input": (bool, lambda v: True, "true or false"),
     "key_probe_span": (int, lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (slots kept before a marked token)"),
+    "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the budget's share for marked slots)"),
 }

@@ -159,7 +159,7 @@ class NAMM:
 
     def without_key_probe(self) -> "NAMM":
         """The same NAMM without its key probe (for a model the probe was not fitted to)."""
-        config = dataclasses.replace(self.config, key_probe_span=0)
+        config = dataclasses.replace(self.config, key_probe_span=0, key_probe_share=1.0)
         return NAMM(self.weights, self.norm_mean, self.norm_var, config, self.norm_count, self.metadata)
 
     def to_flat(self) -> np.ndarray:

@@ -11,6 +11,7 @@ hold it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -222,3 +223,44 @@ def test_replayed_caches_carry_the_recorded_layers_model_indices(model):
     assert [c.layer for c in picked] == [2]
     with pytest.raises(ValueError, match="1 recorded layers but 2 layer ids"):
         replay([layers[2]], 0.25, lambda: EvictingKVCache(FullScorer()), step=32, layer_ids=[1, 2])
+
+
+def test_a_budget_share_lifts_only_the_surest_marks(model, probe):
+    marks = mx.array([[3.0, -1.0, 2.0, 1.0, 0.5]])
+    scores = mx.array([[0.0, 9.0, 1.0, 2.0, 3.0]])
+    lifted = np.array(protect_marked(scores, marks, 0.0, limit=2))[0]
+    assert list(np.argsort(-lifted)[:2]) == [0, 2]  # the two surest marks, above every score
+    assert (lifted[[1, 3, 4]] == [9.0, 2.0, 3.0]).all()  # the other marks keep their own score
+    np.testing.assert_array_equal(np.array(protect_marked(scores, marks, 0.0, limit=9)),
+                                  np.array(protect_marked(scores, marks, 0.0)))  # fmt: skip
+    with pytest.raises(ValueError, match="key_probe_share must be a number above 0 and at most 1"):
+        NAMMConfig(key_probe_share=0.0)
+
+    class Watching(NAMMScorer):
+        """The NAMM scorer, noting each step's budget and how many slots per head its probe lifted."""
+
+        def score(self, context):
+            result = super().score(context)
+            plain = NAMMScorer(self.namm.without_key_probe(), ranked=True).score(context).scores
+            lifted = (result.scores >= mx.max(plain, axis=-1, keepdims=True) + 1.0).sum(-1)
+            self.seen.append((context.budget, int(mx.max(lifted).item()), int(mx.sum(self._marks(context) >= 0, -1).max().item())))
+            return result
+
+    from namm_mlx.cache import EvictingKVCache
+    from namm_mlx.recording import record_full_cache, recorded_layers, replay
+
+    tokens, _ = _document(12, 160, 10)
+    layers = recorded_layers(record_full_cache(model, tokens, 32))
+    shared = dataclasses.replace(CONFIG, key_probe_span=4, key_probe_share=0.25)
+    namm = NAMM(_namm().weights, mx.zeros(17), mx.ones(17), shared, key_probe=mx.array(probe))
+    scorer = Watching(namm, ranked=True)
+    scorer.seen = []
+    replay(layers, 1.0, lambda: EvictingKVCache(scorer, max_kv_size=40), step=32)
+    assert {budget for budget, _, _ in scorer.seen} == {32, 40}  # the cache tells the scorer its budget (32 slots at the first step)
+    assert max(lifted for budget, lifted, _ in scorer.seen if budget == 40) == 10  # 0.25 x 40 slots, though more were marked
+    assert max(marked for _, _, marked in scorer.seen) > 10
+    unbounded = Watching(namm, ranked=False)
+    unbounded.seen = []
+    replay(layers, 1.0, lambda: EvictingKVCache(unbounded), step=32)
+    assert {budget for budget, _, _ in unbounded.seen} == {None}  # no budget: every mark is lifted
+    assert all(lifted == marked for _, lifted, marked in unbounded.seen)

@@ -48,6 +48,10 @@ def probe(
         0, "--span", min=0, max=4096,
         help="Also keep the N tokens before each marked one (the words that introduce a fact).",
     ),
+    budget_share: float = typer.Option(
+        1.0, "--budget-share", min=0.0, max=1.0,
+        help="Under a fixed budget, marked tokens take at most this share of it (surest first).",
+    ),
 ) -> None:
     """Fit a per-layer key probe on training documents and write the NAMM with it."""
     from namm_mlx import NAMM
@@ -58,6 +62,8 @@ def probe(
 
     with user_errors():
         task_names = training_tasks(tasks, seed)
+        if budget_share <= 0.0:
+            raise DistillError(f"--budget-share must be above 0, got {budget_share}")
         if not 0.0 < marked_share < 1.0:
             raise DistillError(f"--marked-share must be between 0 and 1 (exclusive), got {marked_share}")
         doc_lengths = _ints(lengths, "--lengths")
@@ -83,11 +89,12 @@ def probe(
             "key_probe": json.dumps(
                 {"model": model or "default", "base_namm": str(namm), "tasks": task_names, "lengths": doc_lengths,
                  "items": items, "seed": seed, "marked_share": marked_share, "span": span,
+                 "budget_share": budget_share,
                  "documents": [item["_id"] for item in wanted]},
                 sort_keys=True,
             )
         }
-        config = dataclasses.replace(base.config, key_probe_span=span)
+        config = dataclasses.replace(base.config, key_probe_span=span, key_probe_share=budget_share)
         probed = NAMM(base.weights, base.norm_mean, base.norm_var, config, base.norm_count, base.metadata, weights)
         probed.save(out, metadata=provenance)
         print(f"wrote {out}: {namm} with a key probe ({weights.shape[0]} layers x {weights.shape[1]} KV heads) "

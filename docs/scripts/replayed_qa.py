@@ -14,7 +14,10 @@ replay_kept_sets), and from the compressed caches the model
 
 and the kept sets say how much of the answer's own tokens in the document
 survived (``fact_kept``: share over layers and KV heads; ``fact_whole``: share of
-(layer, head) pairs that kept every answer token).
+(layer, head) pairs that kept every answer token), and ``recall``: the share of
+the later document's, the question's and the answer's attention (on the full
+cache, every layer) that fell on the tokens the policy kept at each step
+(namm_mlx.eval.recall; rows written before it was added have none).
 
 The approximation is kvpress's: after a policy's first step, later tokens'
 keys and queries come from the full cache, not from the evicted one. One-shot
@@ -166,18 +169,20 @@ def summary(paths: list[Path], policies: list[str] | None = None) -> None:
     by = defaultdict(list)
     for r in rows:
         by[(r["length"], str(r["budget"]), r["policy"])].append(r)
-    print("| length | budget | policy | items | score (95% interval) | answer likelihood vs full | fact tokens kept | fact whole |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| length | budget | policy | items | score (95% interval) | answer likelihood vs full | fact tokens kept | fact whole | recall (items) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     order = lambda kv: (kv[0][0], kv[0][1], -np.mean([r["score"] or 0 for r in kv[1]]), -np.mean([r["ratio"] for r in kv[1]]))
     for (length, budget, policy), rs in sorted(by.items(), key=order):
         scores = [100 * r["score"] for r in rs if r["score"] is not None] or [float("nan")]
         low, high = bootstrap_interval([scores]) if len(scores) > 1 else (scores[0], scores[0])
         facts = [r["fact_kept"] for r in rs if r["fact_kept"] is not None]
         whole = [r["fact_whole"] for r in rs if r["fact_whole"] is not None]
+        recall = [r["recall"] for r in rs if r.get("recall") is not None]
         print(
             f"| {length} | {budget} | {policy} | {len(rs)} | {np.mean(scores):.1f} ({low:.1f}-{high:.1f}) | "
             f"{np.mean([r['ratio'] for r in rs]):.3f} | {np.mean(facts) if facts else float('nan'):.3f} | "
-            f"{np.mean(whole) if whole else float('nan'):.3f} |"
+            f"{np.mean(whole) if whole else float('nan'):.3f} | "
+            f"{f'{np.mean(recall):.3f} ({len(recall)})' if recall else '-'} |"
         )
 
 
@@ -205,6 +210,7 @@ def main() -> None:
     from namm_mlx.eval.metrics import max_new_tokens, score_prediction
     from namm_mlx.eval.prompts import encode
     from namm_mlx.eval.query_agnostic import replay_kept_sets, split_prompt
+    from namm_mlx.eval.recall import future_attention_from_caches, future_attention_recall
     from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.hook import install_hook
     from namm_mlx.models import load_model
@@ -242,16 +248,19 @@ def main() -> None:
         answer = encode(tok, reference_answer(item))
         facts = answer_positions(tok, split.document, [str(a) for a in item["answers"]])
         start = time.time()
-        recorded = record_full_cache(model, split.document, 512)
+        # question and answer are recorded too (never replayed): their queries
+        # are the last rows of the future attention that recall is measured on
+        recorded = record_full_cache(model, split.document + split.question + answer, 512, split=doc_len)
         layers, scale = recorded_layers(recorded), recorded[0].scale
+        future = future_attention_from_caches(recorded, doc_len, 512)
         del recorded
         limit = max_new_tokens(item["dataset"])
 
         def run(scorer, size):
-            _, caches = replay_kept_sets(layers, scale, lambda: EvictingKVCache(scorer, max_kv_size=size), doc_len)
-            return caches
+            trace, caches = replay_kept_sets(layers, scale, lambda: EvictingKVCache(scorer, max_kv_size=size), doc_len)
+            return caches, future_attention_recall(future, trace)
 
-        full = run(FullScorer(), None)
+        full, _ = run(FullScorer(), None)
         full_lp = answer_logprob(model, full, split.question, answer)
         print(f"{item['_id']}: doc {doc_len} tokens, facts at {len(facts)} positions, recorded in "
               f"{time.time() - start:.0f}s, full answer log-prob {full_lp:.3f}", flush=True)
@@ -259,7 +268,7 @@ def main() -> None:
             base, options = policy.split("+")[0], {o[0]: int(o[1:] or 0) for o in policy.split("+")[1:]}
             t0 = time.time()
             if policy == "full":
-                caches = full  # already replayed for the reference likelihood; answering consumes it
+                caches, recall = full, None  # already replayed for the reference likelihood; answering consumes it
             else:
                 size = int(budget if budget > 1 else math.ceil(budget * doc_len))
                 if base in namms:
@@ -272,7 +281,7 @@ def main() -> None:
                     scorer = recent_protected(scorer, options["r"])
                 if "k" in options:
                     scorer = probe_protected(scorer, probe, options["k"])
-                caches = run(scorer, size)
+                caches, recall = run(scorer, size)
             replay_seconds = time.time() - t0
             kept, whole = fact_survival(caches, facts)
             kept_fraction = float(np.mean([c.length / c.offset for c in caches]))
@@ -287,15 +296,16 @@ def main() -> None:
                 "policy": policy, "budget": budget, "kept_fraction": kept_fraction, "score": score,
                 "prediction": text, "logprob": lp, "full_logprob": full_lp, "ratio": math.exp(min(lp - full_lp, 50.0)),
                 "fact_kept": kept, "fact_whole": whole, "replay_seconds": round(replay_seconds, 2),
+                "recall": None if recall is None else recall.mean, "recall_final": None if recall is None else recall.final,
                 "seconds": round(time.time() - t0, 2),
             }
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"  {policy:10s} {str(budget):5s} score {score} ratio {row['ratio']:.3f} facts "
+            print(f"  {policy:10s} {str(budget):5s} score {score} ratio {row['ratio']:.3f} recall {row['recall'] or 1:.3f} facts "
                   f"{kept if kept is None else round(kept, 3)} / {whole if whole is None else round(whole, 3)} "
                   f"({row['seconds']:.0f}s) {(text or '')[:40]!r}", flush=True)
             del caches
-        del layers, full
+        del layers, full, future
         mx.clear_cache()
 
 

@@ -53,6 +53,9 @@ class EvictionContext:
     #: the cache's layer index (None: the cache was built without one), for
     #: scorers whose weights differ by layer
     layer: int | None = None
+    #: the most slots per head this step keeps, when the cache has a fixed
+    #: budget (None: the scorer's threshold decides how many)
+    budget: int | None = None
 
     def attention(self, rows: int | None = None, dtype: str = "float32") -> mx.array:
         """GQA-averaged attention ``[B, H, rows, N]`` of the newest ``rows``

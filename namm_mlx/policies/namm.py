@@ -68,7 +68,10 @@ class NAMMScorer(Policy):
         scores, state, _, _ = self.namm.score(attn, context.positions, carried, self._keys(context))
         config = self.namm.config
         if self.namm.key_probe is not None:
-            scores = protect_marked(scores, self._marks(context), config.threshold)
+            limit = None
+            if context.budget is not None and config.key_probe_share < 1.0:
+                limit = int(config.key_probe_share * context.budget)
+            scores = protect_marked(scores, self._marks(context), config.threshold, limit)
         scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
         keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
         return Scores(scores, [state.attn_tail, state.ema], keep)
