@@ -79,11 +79,11 @@ def protect_marked(scores: mx.array, marks: mx.array, floor: float, limit: int |
     """Lift tokens whose probe score is ``>= 0`` above every other score and
     above ``floor`` (the threshold), in the order of their probe scores, so a
     budget smaller than the marked set keeps the surest marks. With ``limit``,
-    only each head's ``limit`` surest marks are lifted; the others keep their
-    own score."""
+    only each head's ``limit`` surest marks (at least one) are lifted; the
+    others keep their own score."""
     marked = marks >= 0
     if limit is not None and limit < marks.shape[-1]:
-        rank = mx.argsort(mx.argsort(-marks, axis=-1), axis=-1)  # 0 = surest; ties broken by slot
+        rank = mx.argsort(mx.argsort(-marks, axis=-1), axis=-1)  # 0 = surest; every slot a distinct rank
         marked = marked & (rank < max(1, limit))
     base = mx.maximum(mx.max(scores), floor) + 1.0
     return mx.where(marked, base + marks, scores)

@@ -1,8 +1,9 @@
 """Run ``namm`` as a real process from the repository and check its error lines.
 
-The CLI tests need the same two things: the installed-or-not ``cli`` package
-run by this interpreter, offline, and the project's rule that bad input ends
-in exactly one line on stderr without a traceback.
+``run_namm`` runs this checkout's ``cli`` package (installed or not) with this
+interpreter and the Hub offline, so a test can never reach the network or an
+older installed copy; ``assert_one_line_error`` is the project's rule for bad
+input: a non-zero exit and exactly one line on stderr, no traceback.
 """
 
 from __future__ import annotations

@@ -231,8 +231,9 @@ def test_a_budget_share_lifts_only_the_surest_marks(model, probe):
     lifted = np.array(protect_marked(scores, marks, 0.0, limit=2))[0]
     assert list(np.argsort(-lifted)[:2]) == [0, 2]  # the two surest marks, above every score
     assert (lifted[[1, 3, 4]] == [9.0, 2.0, 3.0]).all()  # the other marks keep their own score
-    np.testing.assert_array_equal(np.array(protect_marked(scores, marks, 0.0, limit=9)),
-                                  np.array(protect_marked(scores, marks, 0.0)))  # fmt: skip
+    for roomy in (4, 9):  # as many places as marks, or more: every mark is lifted
+        np.testing.assert_array_equal(np.array(protect_marked(scores, marks, 0.0, limit=roomy)),
+                                      np.array(protect_marked(scores, marks, 0.0)))  # fmt: skip
     with pytest.raises(ValueError, match="key_probe_share must be a number above 0 and at most 1"):
         NAMMConfig(key_probe_share=0.0)
 
@@ -243,7 +244,8 @@ def test_a_budget_share_lifts_only_the_surest_marks(model, probe):
             result = super().score(context)
             plain = NAMMScorer(self.namm.without_key_probe(), ranked=True).score(context).scores
             lifted = (result.scores >= mx.max(plain, axis=-1, keepdims=True) + 1.0).sum(-1)
-            self.seen.append((context.budget, int(mx.max(lifted).item()), int(mx.sum(self._marks(context) >= 0, -1).max().item())))
+            marked = int(mx.sum(self._marks(context) >= 0, -1).max().item())
+            self.seen.append((context.budget, int(mx.max(lifted).item()), marked, context.keys.shape[2]))
             return result
 
     from namm_mlx.cache import EvictingKVCache
@@ -256,11 +258,14 @@ def test_a_budget_share_lifts_only_the_surest_marks(model, probe):
     scorer = Watching(namm, ranked=True)
     scorer.seen = []
     replay(layers, 1.0, lambda: EvictingKVCache(scorer, max_kv_size=40), step=32)
-    assert {budget for budget, _, _ in scorer.seen} == {32, 40}  # the cache tells the scorer its budget (32 slots at the first step)
-    assert max(lifted for budget, lifted, _ in scorer.seen if budget == 40) == 10  # 0.25 x 40 slots, though more were marked
-    assert max(marked for _, _, marked in scorer.seen) > 10
+    assert {budget for budget, *_ in scorer.seen} == {32, 40}  # the cache tells the scorer its budget (32 slots at the first step)
+    evicting = [(lifted, marked) for budget, lifted, marked, slots in scorer.seen if slots > budget]
+    assert max(lifted for lifted, _ in evicting) == 10  # 0.25 x 40 slots, though more were marked
+    assert max(marked for _, marked in evicting) > 10
+    roomy = [(lifted, marked) for budget, lifted, marked, slots in scorer.seen if slots <= budget]
+    assert roomy and all(lifted == marked for lifted, marked in roomy)  # a budget that evicts nothing limits nothing
     unbounded = Watching(namm, ranked=False)
     unbounded.seen = []
     replay(layers, 1.0, lambda: EvictingKVCache(unbounded), step=32)
-    assert {budget for budget, _, _ in unbounded.seen} == {None}  # no budget: every mark is lifted
-    assert all(lifted == marked for _, lifted, marked in unbounded.seen)
+    assert {budget for budget, *_ in unbounded.seen} == {None}  # no budget: every mark is lifted
+    assert all(lifted == marked for _, lifted, marked, _ in unbounded.seen)

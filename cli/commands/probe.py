@@ -62,8 +62,8 @@ def probe(
 
     with user_errors():
         task_names = training_tasks(tasks, seed)
-        if budget_share <= 0.0:
-            raise DistillError(f"--budget-share must be above 0, got {budget_share}")
+        if not 0.0 < budget_share <= 1.0:
+            raise DistillError(f"--budget-share must be above 0 and at most 1, got {budget_share}")
         if not 0.0 < marked_share < 1.0:
             raise DistillError(f"--marked-share must be between 0 and 1 (exclusive), got {marked_share}")
         doc_lengths = _ints(lengths, "--lengths")

@@ -25,7 +25,7 @@ policies are exact. Rows append to a JSONL file (resumable, item-major).
 
     python docs/scripts/replayed_qa.py OUT.jsonl [--namm NAME=DIR,...] [--tasks ...] [--lengths 2048]
         [--limit 4] [--seed 0] [--budgets 0.25,0.5,1024] [--policies h2o,tova,...]
-    python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary [--policies A,B,...]
+    python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary [--policies A,B,...] [--plot PNG --shipped NAME]
 """
 
 import argparse
@@ -140,7 +140,33 @@ def generate(model, tokenizer, caches, question: list[int], limit: int) -> str:
     return text
 
 
-def summary(paths: list[Path], policies: list[str] | None = None) -> None:
+def plot(by: dict, path: Path, shipped: str | None) -> None:
+    """Score against kept share, one line per policy over its budgets, one
+    figure per document length (``path`` gains ``-LENGTH`` before ``.png``);
+    the full cache is each line's point at 1.0, and ``shipped`` is drawn as
+    the highlighted NAMM."""
+    from namm_mlx.eval.plot import score_vs_kept_figure
+
+    for length in sorted({k[0] for k in by}):
+        full = [100 * r["score"] for (ln, b, p), rs in by.items() if ln == length and p == "full" for r in rs
+                if r["score"] is not None]
+        series = defaultdict(list)
+        for (ln, budget, policy), rs in by.items():
+            scores = [100 * r["score"] for r in rs if r["score"] is not None]
+            if ln != length or policy == "full" or not scores:
+                continue
+            name = "namm" if policy == shipped else policy
+            series[name].append((float(np.mean([r["kept_fraction"] for r in rs])), float(np.mean(scores))))
+        for points in series.values():
+            if full:
+                points.append((1.0, float(np.mean(full))))
+        fig = score_vs_kept_figure(dict(series))
+        fig.axes[0].set_title(f"score vs kept fraction, {length}-token documents")
+        fig.savefig(path.with_name(f"{path.stem}-{length}{path.suffix}"), format="png")
+
+
+def summary(paths: list[Path], policies: list[str] | None = None, plot_to: Path | None = None,
+            shipped: str | None = None) -> None:
     """Table per length, budget and policy; with ``policies``, only those and
     only on the items every one of them (and the full cache) was run on."""
     from namm_mlx.eval.bootstrap import bootstrap_interval
@@ -169,6 +195,8 @@ def summary(paths: list[Path], policies: list[str] | None = None) -> None:
     by = defaultdict(list)
     for r in rows:
         by[(r["length"], str(r["budget"]), r["policy"])].append(r)
+    if plot_to:
+        plot(by, plot_to, shipped)
     print("| length | budget | policy | items | score (95% interval) | answer likelihood vs full | fact tokens kept | fact whole | recall (items) |")
     print("|---|---|---|---|---|---|---|---|---|")
     order = lambda kv: (kv[0][0], kv[0][1], -np.mean([r["score"] or 0 for r in kv[1]]), -np.mean([r["ratio"] for r in kv[1]]))
@@ -190,6 +218,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, nargs="+", help="results JSONL (several with --summary)")
     parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--plot", type=Path, help="with --summary: draw score vs kept share to PNG (one file per length)")
+    parser.add_argument("--shipped", help="with --plot: the policy drawn as the highlighted NAMM")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
     parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens, NAME+kS keeps --probe's marked tokens (and S tokens before each; +k: none) first")
     parser.add_argument("--probe", help="a NAMM folder whose key probe NAME+k policies use")
@@ -201,8 +231,11 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.25,0.5,1024")
     parser.add_argument("--no-generate", action="store_true", help="likelihood and fact survival only (score: null)")
     args = parser.parse_args()
+    if (args.plot or args.shipped) and not args.summary:
+        parser.error("--plot and --shipped draw the --summary's table; add --summary")
     if args.summary:
-        return summary(args.out, [p for p in args.policies.split(",") if p] if args.policies != BASELINES else None)
+        return summary(args.out, [p for p in args.policies.split(",") if p] if args.policies != BASELINES else None,
+                       args.plot, args.shipped)
     args.out = args.out[0]
 
     from namm_mlx.cache import EvictingKVCache
@@ -301,7 +334,7 @@ def main() -> None:
             }
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"  {policy:10s} {str(budget):5s} score {score} ratio {row['ratio']:.3f} recall {row['recall'] or 1:.3f} facts "
+            print(f"  {policy:10s} {str(budget):5s} score {score} ratio {row['ratio']:.3f} recall {'-' if recall is None else f'{recall.mean:.3f}'} facts "
                   f"{kept if kept is None else round(kept, 3)} / {whole if whole is None else round(whole, 3)} "
                   f"({row['seconds']:.0f}s) {(text or '')[:40]!r}", flush=True)
             del caches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -68,9 +69,9 @@ class NAMMScorer(Policy):
         scores, state, _, _ = self.namm.score(attn, context.positions, carried, self._keys(context))
         config = self.namm.config
         if self.namm.key_probe is not None:
-            limit = None
-            if context.budget is not None and config.key_probe_share < 1.0:
-                limit = int(config.key_probe_share * context.budget)
+            limit = None  # a budget that evicts nothing leaves every mark its place
+            if context.budget is not None and config.key_probe_share < 1.0 and context.keys.shape[-2] > context.budget:
+                limit = math.floor(config.key_probe_share * context.budget + 1e-9)
             scores = protect_marked(scores, self._marks(context), config.threshold, limit)
         scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
         keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
