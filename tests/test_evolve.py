@@ -553,6 +553,15 @@ def test_cli_export_init_from_and_errors(tmp_path):
     assert res.exit_code == 0, res.output
     start = load_run(tmp_path / "from_namm")
     assert np.array_equal(start.es.mean, exported.to_flat().astype(np.float64)) and start.es.sigma == 0.065
+    assert "key probe" not in res.output
+    # a probed NAMM: the run starts from its BAM and says the probe stays behind
+    probed = NAMM(exported.weights, exported.norm_mean, exported.norm_var, exported.config,
+                  key_probe=np.zeros((2, 1, 33), np.float32))
+    probed.save(tmp_path / "probed")
+    res = cli("--out", tmp_path / "from_probed", "-g", 0, *SMOKE, "--init-from", tmp_path / "probed")
+    assert res.exit_code == 0, res.output
+    assert "key probe is not evolved" in res.output and "namm probe --namm" in res.output
+    assert np.array_equal(load_run(tmp_path / "from_probed").es.mean, exported.to_flat().astype(np.float64))
     # --init-from a reference checkpoint: its mean and stored buffers, fresh CMA-ES state
     from namm_mlx.checkpoint import read_reference_checkpoint
 

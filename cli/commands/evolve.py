@@ -174,7 +174,10 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         raise error
     has_run = stored is not None
     if init_from is not None and not has_run:
-        ev.load_init(init_from, config)  # a bad NAMM fails before any model loads
+        init = ev.load_init(init_from, config)  # a bad NAMM fails before any model loads
+        if init.dropped and collective.is_root:
+            typer.echo(f"note: {init_from}'s {', '.join(init.dropped)} is not evolved and the run's NAMMs will not "
+                       "have it; add it back with namm probe --namm", err=True)
     stored = stored or {}
     options = _options(fitness_arg)
     if fitness is None:

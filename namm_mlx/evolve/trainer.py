@@ -85,6 +85,9 @@ class InitSource:
     norm_mean: np.ndarray
     norm_var: np.ndarray
     provenance: dict[str, str]
+    #: parts of the source NAMM a run cannot carry (CMA-ES searches the
+    #: reference vector only), so the caller can say they are left behind
+    dropped: tuple[str, ...] = ()
 
 
 @dataclass
@@ -223,6 +226,7 @@ def load_init(path: str | os.PathLike, config: NAMMConfig | None = None) -> Init
             np.asarray(namm.norm_mean, dtype=np.float64),
             np.asarray(namm.norm_var, dtype=np.float64),
             provenance,
+            ("key probe",) if namm.key_probe is not None else (),
         )
     flat = read_source(source, "mean", None, config)
     provenance = {"init_from": source.name}
