@@ -55,8 +55,9 @@ class BAMOutput:
     gated_features: mx.array  # [..., N, E] x * (1 + m) + r, the read-out input
 
 
-def backward_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Softmax attention where query ``i`` sees keys ``j >= i`` only.
+def backward_attention(q: mx.array, k: mx.array, v: mx.array, window: int = 0) -> mx.array:
+    """Softmax attention where query ``i`` sees keys ``j >= i`` only (and, with
+    ``window`` > 0, only ``j < i + window``).
 
     q, k, v: ``[B, heads, N, d]``. Reversing the token axis turns the backward
     mask into an ordinary causal one, so the fused kernel's ``"causal"`` mode
@@ -64,18 +65,30 @@ def backward_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     so the logits never exceed ``_MAX_LOGITS_PER_CHUNK`` values; a chunk of
     reversed rows ``[r0, r1)`` only needs keys ``[0, r1)`` (the lower-right
     aligned causal mask is then exactly right), which skips the masked half.
+    A window bounds each chunk's keys to ``[r0 - window + 1, r1)`` as well, so
+    the cost grows as ``N x window`` instead of ``N^2 / 2``.
     """
     B, heads, N, d = q.shape
     scale = d**-0.5
     q, k, v = q[:, :, ::-1], k[:, :, ::-1], v[:, :, ::-1]
-    per_row = max(1, B * heads * N)
+    banded = 0 < window < N
+    per_row = max(1, B * heads * (min(N, 2 * window) if banded else N))
     # Several chunks also skip the masked triangle: ~(1/2 + 1/16) of N^2.
-    chunk = max(1, min(N, _MAX_LOGITS_PER_CHUNK // per_row, max(_MIN_CHUNK, -(-N // 8))))
+    # A banded chunk as tall as the window reads 2x window keys per row.
+    wanted = max(_MIN_CHUNK, window) if banded else max(_MIN_CHUNK, -(-N // 8))
+    chunk = max(1, min(N, _MAX_LOGITS_PER_CHUNK // per_row, wanted))
     outputs = []
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
+        low = max(0, start - window + 1) if banded else 0
+        if banded:
+            rows = mx.arange(start, stop)[:, None]
+            cols = mx.arange(low, stop)[None, :]
+            mask = (cols <= rows) & (cols > rows - window)
+        else:
+            mask = "causal"
         out = mx.fast.scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], scale=scale, mask="causal"
+            q[:, :, start:stop], k[:, :, low:stop], v[:, :, low:stop], scale=scale, mask=mask
         )
         if chunk < N:
             mx.eval(out)  # one chunk's logits at a time (lazily, all would coexist)
@@ -99,7 +112,7 @@ def bam_scores(features: mx.array, weights: BAMWeights, config: NAMMConfig) -> B
         return t.reshape(-1, N, heads, hidden // heads).transpose(0, 2, 1, 3)
 
     q, k, v = (split_heads(qkv[..., i * hidden : (i + 1) * hidden]) for i in range(3))
-    attended = backward_attention(q, k, v).transpose(0, 2, 1, 3).reshape(-1, N, hidden)
+    attended = backward_attention(q, k, v, config.bam_window).transpose(0, 2, 1, 3).reshape(-1, N, hidden)
     out = attended @ weights.out_weight + weights.out_bias
     additive, multiplicative = out[..., :E], out[..., E:]
     gated = x * (1.0 + multiplicative) + additive

@@ -69,6 +69,11 @@ class NAMMConfig:
     #: never attends to cost the cache what attention needs, so a small share
     #: keeps the facts and leaves the budget to the BAM.
     key_probe_share: float = 1.0
+    #: Each token's BAM attention sees only the ``bam_window`` tokens from it
+    #: on (0: every newer token, as in the reference). The reference BAM costs
+    #: ``N^2 / 2`` logits per head at every step, more than the forward pass it
+    #: follows on a CPU; a window makes it ``N x window``.
+    bam_window: int = 0
 
     def __post_init__(self) -> None:
         for name, (kind, check, wanted) in _SCHEMA.items():
@@ -197,4 +202,5 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "key_norm_input": (bool, lambda v: True, "true or false"),
     "key_probe_span": (int, lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (slots kept before a marked token)"),
     "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the budget's share for marked slots)"),
+    "bam_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newer tokens each BAM query sees; 0: all)"),
 }

@@ -410,6 +410,11 @@ def export_checkpoint(
         raise ConversionError(
             f"{namm_dir}: this NAMM reads key norms (key_norm_input), an input the reference trainer does not have"
         )
+    if namm.config.bam_window:
+        raise ConversionError(
+            f"{namm_dir}: this NAMM's BAM attends over a window of {namm.config.bam_window} newer tokens "
+            "(bam_window); the reference BAM attends over all of them, so its scores would change"
+        )
     if namm.key_probe is not None:
         raise ConversionError(
             f"{namm_dir}: this NAMM has a key probe, which the reference format cannot hold "

@@ -57,9 +57,11 @@ def test_recorded_only_fits_without_a_model_and_refuses_an_empty_folder(tmp_path
     (tmp_path / "r").mkdir()
     ItemRecord("made-by-hand", 32, 40, steps).save(tmp_path / "r" / "a.npz")
     ok = run_namm("distill", "--out", str(tmp_path / "d"), "--records", str(tmp_path / "r"), "--recorded-only",
-                  "--steps", "2", "--window", "16", cwd=tmp_path)
+                  "--steps", "2", "--window", "16", "--bam-window", "8", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    data = json.loads(json.loads((tmp_path / "d" / "namm_config.json").read_text())["provenance"]["distill_data"])
+    config = json.loads((tmp_path / "d" / "namm_config.json").read_text())
+    assert config["bam_window"] == 8  # the windowed BAM it was fitted as is the one it loads as
+    data = json.loads(config["provenance"]["distill_data"])
     assert data["documents"] == ["made-by-hand"] and data["recorded_only"] is True
     (tmp_path / "empty").mkdir()
     empty = run_namm("distill", "--out", str(tmp_path / "e"), "--records", str(tmp_path / "empty"), "--recorded-only", cwd=tmp_path)

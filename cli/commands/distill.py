@@ -123,6 +123,11 @@ def distill(
         False, "--key-norm",
         help="Give the scorer each token's key norm as one more input (not in the reference; the NAMM records it).",
     ),
+    bam_window: int = typer.Option(
+        0, "--bam-window", min=0, metavar="W",
+        help="Each token's BAM attention sees only the W tokens from it on (0: every newer token, as the reference). "
+        "A step then costs N x W instead of N^2 / 2; the NAMM records it.",
+    ),
     recorded_only: bool = typer.Option(
         False, "--recorded-only",
         help="Fit on the recordings already in --records (no model, no new recording): for trying fit options.",
@@ -153,7 +158,7 @@ def distill(
             namm = fit_namm(
                 recorded,
                 options,
-                config=NAMMConfig(key_norm_input=key_norm),
+                config=NAMMConfig(key_norm_input=key_norm, bam_window=bam_window),
                 progress=lambda done, total, loss: update(done, f"loss {loss:.4f}"),
                 metadata={
                     "distill_data": json.dumps(
