@@ -8,11 +8,14 @@ layers) at N = 4,096 the BAM computes about 1.5x the forward's attention
 logits. This prints, for the default model in float32, the forward of 512
 tokens after 3,584 cached ones (stock mlx-lm cache) and the BAM attention of
 3 heads x 4,096 tokens times 30 layers, and their ratio: the step can cost no
-less than that ratio unless the BAM itself changes.
+less than that ratio unless the BAM itself changes. ``--windows`` adds the
+same ratio for a windowed BAM (``NAMMConfig.bam_window``: each token sees only
+the W tokens from it on), whose cost grows as N x W.
 
-Run:  python benchmarks/bam_floor.py   (on Linux, preload OpenBLAS as the README says)
+Run:  python benchmarks/bam_floor.py [--windows 256,128]   (on Linux, preload OpenBLAS as the README says)
 """
 
+import argparse
 import time
 
 import mlx.core as mx
@@ -25,6 +28,9 @@ CACHED, BLOCK, BAM_WIDTH, REPEATS = 3584, 512, 32, 3
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--windows", default="", help="BAM windows to time too (comma-separated tokens)")
+    windows = [0] + [int(w) for w in parser.parse_args().windows.split(",") if w]
     model, _ = load_model(None, dtype="float32")
     cache = make_prompt_cache(model)
     tokens = mx.random.randint(100, 40000, (1, CACHED + BLOCK))
@@ -46,14 +52,16 @@ def main() -> None:
 
     n, heads, layers = CACHED + BLOCK, cache[0].keys.shape[1], len(cache)
     q, k, v = (mx.random.normal((1, heads, n, BAM_WIDTH)) for _ in range(3))
-    mx.eval(q, k, v, backward_attention(q, k, v))
-    start = time.perf_counter()
-    for _ in range(REPEATS):
-        mx.eval(backward_attention(q, k, v))
-    bam_s = (time.perf_counter() - start) / REPEATS * layers
     print(f"forward of {BLOCK} tokens after {CACHED:,} cached: {forward_s:.2f} s")
-    print(f"BAM attention, {heads} heads x {n:,} tokens x {layers} layers: {bam_s:.2f} s")
-    print(f"BAM attention / forward: {bam_s / forward_s:.2f}x")
+    for window in windows:
+        mx.eval(q, k, v, backward_attention(q, k, v, window))
+        start = time.perf_counter()
+        for _ in range(REPEATS):
+            mx.eval(backward_attention(q, k, v, window))
+        bam_s = (time.perf_counter() - start) / REPEATS * layers
+        name = f"window {window}" if window else "every newer token (reference)"
+        print(f"BAM attention, {heads} heads x {n:,} tokens x {layers} layers, {name}: {bam_s:.2f} s, "
+              f"{bam_s / forward_s:.2f}x the forward")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ tokens in every layer (2k, 4k, 8k, 16k), measures in one run:
   probabilities (taken from the forward: the explicit attention's extra cost
   over the fused kernel; and, for comparison, recomputed from buffered
   queries as decoding steps do), features (STFT, EMA, normalisation,
-  recency), BAM, selection/gather (kept count, per-head top-k, gather of
+  recency), BAM (over the NAMM's ``bam_window`` when it sets one), the key
+  probe's marks (when it has a probe), selection/gather (kept count, per-head top-k, gather of
   K/V and carried state);
 * end to end (up to 8k): the same forward on NAMM caches in which the step
   falls, over the plain forward; its transient memory (peak over what was
@@ -40,6 +41,7 @@ from namm_mlx.attention import attention_probabilities, attention_with_probabili
 from namm_mlx.bam import bam_scores
 from namm_mlx.hook import install_hook
 from namm_mlx.integration import DEFAULT_NAMM_DIR
+from namm_mlx.key_probe import probe_scores, spread_marks
 from namm_mlx.models import load_model
 from namm_mlx.selection import gather_tokens, protect_newest, shared_keep_count, top_k_in_order
 
@@ -106,8 +108,8 @@ class Shapes:
     def namm_caches(self, scorer) -> list[EvictingKVCache]:
         """Caches one block before a step: ``n_old`` kept slots, carried state."""
         caches = []
-        for k, v in zip(self.old_keys, self.old_values):
-            c = EvictingKVCache(scorer)
+        for layer, (k, v) in enumerate(zip(self.old_keys, self.old_values)):
+            c = EvictingKVCache(scorer, layer=layer)  # a key probe is per layer
             c.keys, c.values, c.length, c.offset = k, v, self.n_old, self.offset
             c.kept_positions, c.scorer_state = self.kept_positions, [self.tail, self.ema]
             c.last_step_offset, c.steps = self.offset, 1
@@ -160,6 +162,9 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int, warm_up: bool = T
         "bam": per_layer(lambda: bam_scores(features.embedding, namm.weights, namm.config).scores),
         "select": per_layer(select_gather),
     }
+    if namm.key_probe is not None:
+        probe, span = namm.key_probe[0], namm.config.key_probe_span
+        fns["probe"] = per_layer(lambda: spread_marks(probe_scores(s.keys, probe), span))
     if n_cached <= E2E_LIMIT:  # BAM alone is ~4 minutes per forward at 16k on a 2-core CPU
         fns["forward+step"] = lambda: forward(s.namm_caches(scorer))
     if n_cached <= STACK_LIMIT:  # all layers' probabilities at once: 30x the memory
@@ -169,7 +174,7 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int, warm_up: bool = T
         fns["stacked"] = lambda: mx.eval(namm.score(stacked_attn, stacked_pos, stacked_state)[0])
         fns["per-layer"] = lambda: [mx.eval(namm.score(attn, s.positions, carried)[0]) for _ in range(layers)]
     t = median_times(fns, repeats, warm_up)
-    parts_of_one_layer = ("fused", "explicit", "recompute", "features", "bam", "select")
+    parts_of_one_layer = ("fused", "explicit", "recompute", "features", "bam", "probe", "select")
     t.update({k: v * layers / LAYER_SAMPLES for k, v in t.items() if k in parts_of_one_layer})
     fwd = t["forward"]
     parts = {
@@ -177,6 +182,7 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int, warm_up: bool = T
         "probabilities (recomputed)": t["recompute"],
         "features": t["features"],
         "BAM": t["bam"],
+        **({"key probe marks": t["probe"]} if "probe" in t else {}),
         "selection/gather": t["select"],
     }
 
