@@ -41,7 +41,7 @@ from namm_mlx.attention import attention_probabilities, attention_with_probabili
 from namm_mlx.bam import bam_scores
 from namm_mlx.hook import install_hook
 from namm_mlx.integration import DEFAULT_NAMM_DIR
-from namm_mlx.key_probe import probe_scores, spread_marks
+from namm_mlx.key_probe import layer_marks
 from namm_mlx.models import load_model
 from namm_mlx.selection import gather_tokens, protect_newest, shared_keep_count, top_k_in_order
 
@@ -164,7 +164,7 @@ def bench_size(model, namm: NAMM, n_cached: int, repeats: int, warm_up: bool = T
     }
     if namm.key_probe is not None:
         probe, span = namm.key_probe[0], namm.config.key_probe_span
-        fns["probe"] = per_layer(lambda: spread_marks(probe_scores(s.keys, probe), span))
+        fns["probe"] = per_layer(lambda: layer_marks(s.keys, probe, span))
     if n_cached <= E2E_LIMIT:  # BAM alone is ~4 minutes per forward at 16k on a 2-core CPU
         fns["forward+step"] = lambda: forward(s.namm_caches(scorer))
     if n_cached <= STACK_LIMIT:  # all layers' probabilities at once: 30x the memory

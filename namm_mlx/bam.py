@@ -80,13 +80,12 @@ def backward_attention(q: mx.array, k: mx.array, v: mx.array, window: int = 0) -
     outputs = []
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
-        low = max(0, start - window + 1) if banded else 0
         if banded:
-            rows = mx.arange(start, stop)[:, None]
-            cols = mx.arange(low, stop)[None, :]
+            low = max(0, start - window + 1)
+            rows, cols = mx.arange(start, stop)[:, None], mx.arange(low, stop)[None, :]
             mask = (cols <= rows) & (cols > rows - window)
         else:
-            mask = "causal"
+            low, mask = 0, "causal"
         out = mx.fast.scaled_dot_product_attention(
             q[:, :, start:stop], k[:, :, low:stop], v[:, :, low:stop], scale=scale, mask=mask
         )

@@ -75,6 +75,13 @@ def spread_marks(marks: mx.array, span: int) -> mx.array:
     return out
 
 
+def layer_marks(keys: mx.array, probe: mx.array, span: int) -> mx.array:
+    """What a step ranks the marked slots by: one layer's probe (``[KV heads,
+    D/2 + 1]``) scored on its cached ``keys``, each mark spread over the
+    ``span`` slots before it."""
+    return spread_marks(probe_scores(keys, probe), span)
+
+
 def protect_marked(scores: mx.array, marks: mx.array, floor: float, limit: int | None = None) -> mx.array:
     """Lift tokens whose probe score is ``>= 0`` above every other score and
     above ``floor`` (the threshold), in the order of their probe scores, so a

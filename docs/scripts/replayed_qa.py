@@ -107,13 +107,13 @@ def probe_protected(scorer, probe, span: int = 0):
     (``namm_mlx.key_probe``), so any rule can be given it."""
     import dataclasses
 
-    from namm_mlx.key_probe import probe_scores, protect_marked, spread_marks
+    from namm_mlx.key_probe import layer_marks, protect_marked
 
     inner = scorer.score
 
     def score(context):
         s = inner(context)
-        marks = spread_marks(probe_scores(context.keys, probe[context.layer]), span)
+        marks = layer_marks(context.keys, probe[context.layer], span)
         return dataclasses.replace(s, scores=protect_marked(s.scores.astype(mx.float32), marks, float("-inf")))
 
     scorer.score = score

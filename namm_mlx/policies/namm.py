@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import NAMMConfig
-from ..key_probe import probe_misfit, probe_scores, protect_marked, spread_marks
+from ..key_probe import layer_marks, probe_misfit, protect_marked
 from ..namm import NAMM, TokenFeatures, TokenState
 from ..selection import protect_newest, protect_recent, shared_keep_count
 from .base import EvictionContext, Policy, Scores
@@ -91,7 +91,7 @@ class NAMMScorer(Policy):
         misfit = probe_misfit(probe, {(heads, dim)}, context.layer < probe.shape[0])
         if misfit:
             raise ValueError(f"{misfit}; layer {context.layer} has {heads} heads of dimension {dim} (another model?)")
-        return spread_marks(probe_scores(context.keys, probe[context.layer]), self.namm.config.key_probe_span)
+        return layer_marks(context.keys, probe[context.layer], self.namm.config.key_probe_span)
 
     def _keys(self, context: EvictionContext) -> mx.array | None:
         return context.keys if self.namm.config.key_norm_input else None
