@@ -65,35 +65,70 @@ def backward_attention(q: mx.array, k: mx.array, v: mx.array, window: int = 0) -
     so the logits never exceed ``_MAX_LOGITS_PER_CHUNK`` values; a chunk of
     reversed rows ``[r0, r1)`` only needs keys ``[0, r1)`` (the lower-right
     aligned causal mask is then exactly right), which skips the masked half.
-    A window bounds each chunk's keys to ``[r0 - window + 1, r1)`` as well, so
-    the cost grows as ``N x window`` instead of ``N^2 / 2``.
+    A window goes to :func:`_banded_causal` instead, whose cost grows as
+    ``N x window`` rather than ``N^2 / 2``.
     """
     B, heads, N, d = q.shape
-    scale = d**-0.5
     q, k, v = q[:, :, ::-1], k[:, :, ::-1], v[:, :, ::-1]
-    banded = 0 < window < N
-    per_row = max(1, B * heads * (min(N, 2 * window) if banded else N))
+    if 0 < window < N:
+        return _banded_causal(q, k, v, window)[:, :, ::-1]
+    scale = d**-0.5
     # Several chunks also skip the masked triangle: ~(1/2 + 1/16) of N^2.
-    # A banded chunk as tall as the window reads 2x window keys per row.
-    wanted = max(_MIN_CHUNK, window) if banded else max(_MIN_CHUNK, -(-N // 8))
-    chunk = max(1, min(N, _MAX_LOGITS_PER_CHUNK // per_row, wanted))
+    chunk = max(1, min(N, _MAX_LOGITS_PER_CHUNK // max(1, B * heads * N), max(_MIN_CHUNK, -(-N // 8))))
     outputs = []
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
-        if banded:
-            low = max(0, start - window + 1)
-            rows, cols = mx.arange(start, stop)[:, None], mx.arange(low, stop)[None, :]
-            mask = (cols <= rows) & (cols > rows - window)
-        else:
-            low, mask = 0, "causal"
         out = mx.fast.scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, low:stop], v[:, :, low:stop], scale=scale, mask=mask
+            q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], scale=scale, mask="causal"
         )
         if chunk < N:
             mx.eval(out)  # one chunk's logits at a time (lazily, all would coexist)
         outputs.append(out)
     out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
     return out[:, :, ::-1]
+
+
+def _banded_causal(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.array:
+    """Causal attention in which row ``i`` sees keys ``(i - window, i]``.
+
+    Rows are cut into blocks of ``b`` (about a quarter of the window); a block
+    reads its own keys and the ``m = ceil((window - 1) / b)`` blocks before
+    it, so every row computes ``window + b`` logits at most instead of the
+    ``2 x window`` a chunk as tall as the window needs, and all blocks go
+    through one batched matmul instead of one call per chunk. The softmax's
+    exponentials are most of the cost on the CPU. Groups of blocks are
+    evaluated one at a time so the logits stay under
+    ``_MAX_LOGITS_PER_CHUNK`` values.
+    """
+    B, heads, N, d = q.shape
+    scale = d**-0.5
+    b = max(16, min(128, window // 4))
+    m = -(-(window - 1) // b)
+    nb = -(-N // b)
+
+    def blocks(x: mx.array, front: int) -> mx.array:
+        x = mx.pad(x, [(0, 0), (0, 0), (front, nb * b - N), (0, 0)])
+        return x.reshape(B, heads, -1, b, d)
+
+    qb = blocks(q, 0) * scale  # [B, heads, nb, b, d]
+    kb, vb = blocks(k, m * b), blocks(v, m * b)  # [B, heads, m + nb, b, d]; m blocks of padding first
+    rows = mx.arange(nb * b).reshape(nb, b, 1)
+    cols = (mx.arange(nb)[:, None] * b + mx.arange(-m * b, b)[None, :])[:, None, :]
+    visible = (cols <= rows) & (cols > rows - window) & (cols >= 0)  # [nb, b, (m + 1) b]
+    group = max(1, _MAX_LOGITS_PER_CHUNK // max(1, B * heads * b * (m + 1) * b))
+    outputs = []
+    for g0 in range(0, nb, group):
+        g1 = min(nb, g0 + group)
+        # Block i's keys: blocks i .. i + m of the padded sequence, side by side.
+        keys = mx.concatenate([kb[:, :, g0 + j : g1 + j] for j in range(m + 1)], axis=3)
+        values = mx.concatenate([vb[:, :, g0 + j : g1 + j] for j in range(m + 1)], axis=3)
+        logits = mx.where(visible[g0:g1], qb[:, :, g0:g1] @ mx.swapaxes(keys, -1, -2), -mx.inf)
+        out = mx.softmax(logits, axis=-1, precise=True) @ values
+        if group < nb:
+            mx.eval(out)
+        outputs.append(out)
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+    return out.reshape(B, heads, nb * b, d)[:, :, :N]
 
 
 def bam_scores(features: mx.array, weights: BAMWeights, config: NAMMConfig) -> BAMOutput:

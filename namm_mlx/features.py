@@ -225,7 +225,9 @@ def spectral_ema(
     spectrum = first + blocks[..., 2 * n_bins :, :]  # [..., frames, 2 * n_bins, N]
     real, imag = spectrum[..., :n_bins, :], spectrum[..., n_bins:, :]
     stft = mx.transpose(mx.sqrt(real * real + imag * imag), (*range(len(lead)), len(lead) + 2, len(lead), len(lead) + 1))
-    tail = mx.swapaxes(attn[..., n - config.context_len :, :], -1, -2)
+    # A copy, not a view: the tail is carried to the next step, and a view
+    # would keep this step's whole [..., n, N] probabilities alive with it.
+    tail = mx.contiguous(mx.swapaxes(attn[..., n - config.context_len :, :], -1, -2))
     return stft, ema, tail
 
 

@@ -182,6 +182,25 @@ def test_spectral_ema_equals_the_literal_pipeline(n_old, columns, monkeypatch):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
 
 
+def test_the_carried_tail_does_not_hold_the_steps_probabilities():
+    """The tail a step carries (16 samples per token) owns its memory: a view
+    would keep the whole ``[heads, 512, N]`` probabilities alive until the
+    layer's next step, in every layer whose step evicted nothing."""
+    from namm_mlx.features import spectral_ema
+
+    attn = mx.softmax(mx.random.normal((1, 3, 512, 2048)), axis=-1)  # 12.6 MB
+    mx.eval(attn)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    tail = spectral_ema(attn, None, None, CONFIG)[2]
+    mx.eval(tail)
+    del attn
+    mx.clear_cache()
+    held = mx.get_active_memory() - before + 3 * 512 * 2048 * 4
+    assert tail.shape == (1, 3, 2048, 16)
+    assert held < 4 * tail.nbytes, f"the tail holds {held / 1e6:.1f} MB for its {tail.nbytes / 1e6:.1f} MB"
+
+
 def test_h2o_uses_the_forwards_probabilities_too():
     """A baseline reading every new query (H2O) gets the forward's probabilities
     and keeps the same tokens as when they are recomputed."""
