@@ -24,6 +24,7 @@ def test_probe_writes_the_default_namm_with_a_probe_for_every_layer(tmp_path):
     assert np.isfinite(np.array(probed.key_probe)).all()
     np.testing.assert_array_equal(probed.to_flat(), base.to_flat())  # the BAM is the base NAMM's
     assert probed.config.key_probe_span == 4 and probed.config.key_probe_share == 0.5
+    assert probed.config.bam_window == base.config.bam_window == 128  # the base NAMM's window is kept
     provenance = json.loads((tmp_path / "p" / "namm_config.json").read_text())["provenance"]
     data = json.loads(provenance["key_probe"])
     assert data["documents"] == ["passkey-512-000-s1000", "needle-512-000-s1000"] and data["marked_share"] == 0.05

@@ -15,7 +15,7 @@ FOLDERS = sorted(p for p in WEIGHTS.iterdir() if (p / "namm_config.json").exists
 
 
 def test_the_default_and_its_alternatives_are_shipped():
-    assert {"default", "distilled-future", "facts-first", "fast"} <= {p.name for p in FOLDERS}
+    assert {"default", "distilled-future", "facts-first", "full-bam"} <= {p.name for p in FOLDERS}
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
@@ -30,10 +30,10 @@ def test_a_shipped_namm_loads_documents_itself_and_scores(folder):
     assert scores.shape == (1, 3, 64) and np.isfinite(scores).all()
 
 
-def test_the_fast_namm_is_the_windowed_bam_under_the_defaults_probe():
-    fast, default = NAMM.load(WEIGHTS / "fast"), NAMM.load(WEIGHTS / "default")
-    assert fast.config.bam_window == 128 and default.config.bam_window == 0
-    assert np.array_equal(np.array(fast.key_probe), np.array(default.key_probe))
-    assert fast.config.key_probe_span == default.config.key_probe_span
-    assert fast.config.key_probe_share == default.config.key_probe_share
-    assert fast.metadata["method"] == "distilled" and fast.metadata["evolved_generations"] == "0"
+def test_the_default_is_the_full_bam_namm_with_a_bam_window():
+    default, full = NAMM.load(WEIGHTS / "default"), NAMM.load(WEIGHTS / "full-bam")
+    assert default.config.bam_window == 128 and full.config.bam_window == 0
+    assert np.array_equal(np.array(default.key_probe), np.array(full.key_probe))
+    assert default.config.key_probe_span == full.config.key_probe_span
+    assert default.config.key_probe_share == full.config.key_probe_share
+    assert default.metadata["method"] == "distilled" and default.metadata["evolved_generations"] == "0"
