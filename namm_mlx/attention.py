@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .base2_softmax import LOG2E, masked_exp2
+from .base2_softmax import LOG2E, causal_numerators
 from .features import gqa_mean
 
 #: Query-head x row x key logits computed at once (32 MB of float32). Measured
@@ -32,31 +32,18 @@ def _row_chunk(heads: int, rows: int, keys: int, max_logits: int) -> int:
 
 
 def _causal_numerators(q: mx.array, k: mx.array, first_pos: int) -> tuple[mx.array, mx.array]:
-    """The causal softmax of ``q k^T`` as numerators and one reciprocal per row.
+    """The causal softmax of ``q k^T`` as numerators and reciprocal row sums.
 
     q: ``[B, H, G, rows, D]`` already scaled, float32; k: ``[B, H, N, D]``
-    float32; row ``r`` sits at absolute slot ``first_pos + r``. Returns
-    ``(e, inv)``: ``e = 2 ** (log2(e) * logits - peak)`` on visible keys, 0
-    past each row's position, and ``inv = 1 / e.sum(-1)``, so ``e * inv`` is
-    the probabilities.
+    float32; row ``r`` sits at absolute slot ``first_pos + r``.
 
-    Base 2 (:mod:`.base2_softmax`), and callers fold ``inv`` into a pass they
-    make anyway (the GQA mean, the output rows): for 9 heads x 512 queries x
-    4k keys this took 463 ms against 590 ms with ``mx.softmax`` (and 430-630
-    ms for the fused kernel), equal to it to 6e-6 relative. The peak is the
-    plain row maximum over the keys every row sees and a masked one over the
-    rest only.
+    In base 2 (:mod:`.base2_softmax`), with callers folding the reciprocal into
+    a pass they make anyway (the GQA mean, the output rows): for 9 heads x 512
+    queries x 4k keys this took 463 ms against 590 ms with ``mx.softmax`` (and
+    430-630 ms for the fused kernel), equal to it to 6e-6 relative.
     """
-    rows, N = q.shape[-2], k.shape[-2]
     logits = (q * LOG2E) @ mx.swapaxes(k[:, :, None], -1, -2)  # [B, H, G, rows, N]
-    seen_by_all = min(N, first_pos + 1)  # keys every row sees: no mask needed
-    visible = mx.arange(N)[None, :] <= (first_pos + mx.arange(rows))[:, None]
-    peak = logits[..., :seen_by_all].max(axis=-1, keepdims=True)
-    if seen_by_all < N:
-        tail = mx.where(visible[:, seen_by_all:], logits[..., seen_by_all:], -mx.inf)
-        peak = mx.maximum(peak, tail.max(axis=-1, keepdims=True))
-    e = masked_exp2(logits, visible, peak)
-    return e, 1.0 / e.sum(axis=-1, keepdims=True)
+    return causal_numerators(logits, first_pos)
 
 
 def attention_probabilities(
