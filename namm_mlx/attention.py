@@ -11,13 +11,18 @@ from buffered queries with :func:`attention_probabilities`; storing queries
 
 Both chunk the query rows so no more than ``MAX_LOGITS`` logits exist at once
 (the fused kernel on a CPU materialises all of them).
+
+The softmax is mlx's, not the cheaper base-2 one of :mod:`.base2_softmax`:
+with it, the explicit attention equals the fused kernel's bit for bit on the
+CPU, so a NAMM cache that keeps every token computes the full cache's numbers
+exactly and features recorded from a full-cache run equal the online ones
+(the base-2 softmax differed by about 1e-6 and broke both).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .base2_softmax import LOG2E, causal_numerators
 from .features import gqa_mean
 
 #: Query-head x row x key logits computed at once (32 MB of float32). Measured
@@ -31,19 +36,18 @@ def _row_chunk(heads: int, rows: int, keys: int, max_logits: int) -> int:
     return max(1, min(rows, max_logits // max(1, heads * keys)))
 
 
-def _causal_numerators(q: mx.array, k: mx.array, first_pos: int) -> tuple[mx.array, mx.array]:
-    """The causal softmax of ``q k^T`` as numerators and reciprocal row sums.
+def _causal_probs(q: mx.array, k: mx.array, first_pos: int) -> mx.array:
+    """Float32 softmax of ``q k^T`` with keys past each row's position hidden.
 
     q: ``[B, H, G, rows, D]`` already scaled, float32; k: ``[B, H, N, D]``
     float32; row ``r`` sits at absolute slot ``first_pos + r``.
-
-    In base 2 (:mod:`.base2_softmax`), with callers folding the reciprocal into
-    a pass they make anyway (the GQA mean, the output rows): for 9 heads x 512
-    queries x 4k keys this took 463 ms against 590 ms with ``mx.softmax`` (and
-    430-630 ms for the fused kernel), equal to it to 6e-6 relative.
     """
-    logits = (q * LOG2E) @ mx.swapaxes(k[:, :, None], -1, -2)  # [B, H, G, rows, N]
-    return causal_numerators(logits, first_pos)
+    rows, N = q.shape[-2], k.shape[-2]
+    logits = q @ mx.swapaxes(k[:, :, None], -1, -2)  # [B, H, G, rows, N]
+    if first_pos < N - 1:  # only a lone newest row sees every key
+        visible = mx.arange(N)[None, :] <= (first_pos + mx.arange(rows))[:, None]
+        logits = mx.where(visible, logits, -mx.inf)
+    return mx.softmax(logits, axis=-1, precise=True)
 
 
 def attention_probabilities(
@@ -76,8 +80,8 @@ def attention_probabilities(
     parts = []
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
-        e, inv = _causal_numerators(q[..., start:stop, :], k, N - n + first_row + start)
-        mean = gqa_mean(e.reshape(B, Hq, stop - start, N), H, dtype, inv.reshape(B, Hq, stop - start, 1))
+        probs = _causal_probs(q[..., start:stop, :], k, N - n + first_row + start)
+        mean = gqa_mean(probs.reshape(B, Hq, stop - start, N), H, dtype)
         if chunk < rows:
             mx.eval(mean)  # free this chunk's logits before the next one
         parts.append(mean)
@@ -111,9 +115,9 @@ def attention_with_probabilities(
     outputs, means = [], []
     for start in range(0, L, chunk):
         stop = min(L, start + chunk)
-        e, inv = _causal_numerators(q[..., start:stop, :], k, N - L + start)
-        out = ((e @ v) * inv).reshape(B, Hq, stop - start, v.shape[-1]).astype(queries.dtype)
-        mean = gqa_mean(e.reshape(B, Hq, stop - start, N), H, dtype, inv.reshape(B, Hq, stop - start, 1))
+        probs = _causal_probs(q[..., start:stop, :], k, N - L + start)
+        out = (probs @ v).reshape(B, Hq, stop - start, v.shape[-1]).astype(queries.dtype)
+        mean = gqa_mean(probs.reshape(B, Hq, stop - start, N), H, dtype)
         if chunk < L:
             mx.eval(out, mean)  # free this chunk's logits before the next one
         outputs.append(out)

@@ -24,22 +24,3 @@ def masked_exp2(logits: mx.array, visible: mx.array, peak: mx.array) -> mx.array
     powers overflow; never much larger, or they underflow to 0).
     """
     return mx.where(visible, mx.power(2.0, logits - peak), 0.0)
-
-
-def causal_numerators(logits: mx.array, first_pos: int) -> tuple[mx.array, mx.array]:
-    """A causal softmax over base-2 ``logits`` ``[..., rows, N]`` as numerators
-    and one reciprocal row sum: ``e * inv`` is the probabilities.
-
-    Row ``r`` sits at key slot ``first_pos + r`` and sees keys up to it. Each
-    row's peak is its own visible maximum: a plain maximum over the keys every
-    row sees, and a masked one over the rest only.
-    """
-    rows, N = logits.shape[-2], logits.shape[-1]
-    seen_by_all = min(N, first_pos + 1)
-    visible = mx.arange(N)[None, :] <= (first_pos + mx.arange(rows))[:, None]
-    peak = logits[..., :seen_by_all].max(axis=-1, keepdims=True)
-    if seen_by_all < N:
-        tail = mx.where(visible[:, seen_by_all:], logits[..., seen_by_all:], -mx.inf)
-        peak = mx.maximum(peak, tail.max(axis=-1, keepdims=True))
-    e = masked_exp2(logits, visible, mx.stop_gradient(peak))
-    return e, 1.0 / e.sum(axis=-1, keepdims=True)

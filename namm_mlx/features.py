@@ -18,18 +18,14 @@ import numpy as np
 from .config import NAMMConfig
 
 
-def gqa_mean(
-    attn: mx.array, num_kv_heads: int, dtype: str = "float32", row_scale: mx.array | None = None
-) -> mx.array:
+def gqa_mean(attn: mx.array, num_kv_heads: int, dtype: str = "float32") -> mx.array:
     """Average the query heads that share a KV head.
 
     attn: ``[..., Hq, n, N]`` probabilities; query head ``h`` belongs to KV
     head ``h // (Hq // num_kv_heads)`` (mlx-lm's and HF's ``repeat_kv`` order).
     With ``dtype="bfloat16"`` each head and the mean are rounded to bf16 as the
     reference's half-precision model hands them over (mean accumulated in fp32).
-    Returns ``[..., H, n, N]`` float32. ``row_scale`` (``[..., Hq, n, 1]``)
-    multiplies each head's rows first, in the same pass: a softmax handed over
-    as numerators and reciprocal sums is normalised here.
+    Returns ``[..., H, n, N]`` float32.
 
     The group members are summed as separate slices in one compiled
     elementwise kernel: on the CPU backend that is one pass over the
@@ -42,26 +38,19 @@ def gqa_mean(
     group = hq // num_kv_heads
     grouped = attn.reshape(*lead, num_kv_heads, group, n, N)
     members = [grouped[..., g, :, :] for g in range(group)]
-    if row_scale is None:
-        return _group_mean(group, dtype == "bfloat16", False)(*members)
-    scales = row_scale.reshape(*lead, num_kv_heads, group, n, 1)
-    return _group_mean(group, dtype == "bfloat16", True)(*members, *(scales[..., g, :, :] for g in range(group)))
+    return _group_mean(group, dtype == "bfloat16")(*members)
 
 
 @functools.lru_cache(maxsize=None)
-def _group_mean(group: int, round_bf16: bool, scaled: bool):
-    def mean(*args: mx.array) -> mx.array:
-        members, scales = args[:group], args[group:]
-
-        def cast(g: int) -> mx.array:
-            x = members[g].astype(mx.float32)
-            if scaled:
-                x = x * scales[g]
+def _group_mean(group: int, round_bf16: bool):
+    def mean(*members: mx.array) -> mx.array:
+        def cast(x: mx.array) -> mx.array:
+            x = x.astype(mx.float32)
             return x.astype(mx.bfloat16).astype(mx.float32) if round_bf16 else x
 
-        total = cast(0)
-        for g in range(1, group):
-            total = total + cast(g)
+        total = cast(members[0])
+        for m in members[1:]:
+            total = total + cast(m)
         out = total / group
         return out.astype(mx.bfloat16).astype(mx.float32) if round_bf16 else out
 

@@ -36,6 +36,24 @@ def test_windowed_backward_attention_equals_the_dense_mask(window, max_logits, m
     np.testing.assert_allclose(got, dense_backward(q, k, v, window), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("window", [16, 37])
+def test_base2_softmax_survives_a_huge_logit_behind_the_mask(window):
+    """Key 40 gets a logit of ~700 from every query, but only the queries within
+    the window before it may see it. Each row's powers must be taken from its own
+    visible peak: a peak over the block's masked keys too underflows the rows
+    that cannot see key 40, and one that skipped the mask would overflow."""
+    rng = np.random.default_rng(window)
+    u = rng.normal(size=8).astype(np.float32)
+    u /= np.linalg.norm(u)
+    q = np.tile(u * 20.0, (1, 1, 83, 1)).astype(np.float32)
+    k = rng.normal(size=(1, 1, 83, 8)).astype(np.float32) * 0.1
+    k[0, 0, 40] = u * 100.0
+    v = rng.normal(size=(1, 1, 83, 8)).astype(np.float32)
+    got = np.array(backward_attention(mx.array(q), mx.array(k), mx.array(v), window))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, dense_backward(q, k, v, window), rtol=2e-5, atol=2e-6)
+
+
 def test_the_window_changes_scores_only_when_it_is_shorter_than_the_cache():
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.normal(size=(1, 1, 64, 8)).astype(np.float32)) for _ in range(3))
