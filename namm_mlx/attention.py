@@ -15,8 +15,8 @@ Both chunk the query rows so no more than ``MAX_LOGITS`` logits exist at once
 The softmax is mlx's, not the cheaper base-2 one of :mod:`.base2_softmax`:
 with it, the explicit attention equals the fused kernel's bit for bit on the
 CPU, so a NAMM cache that keeps every token computes the full cache's numbers
-exactly and features recorded from a full-cache run equal the online ones
-(the base-2 softmax differed by about 1e-6 and broke both).
+exactly and features recorded from a full-cache run equal the online ones.
+Base 2 differs from it by about 1e-6.
 """
 
 from __future__ import annotations
