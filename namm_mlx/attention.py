@@ -12,7 +12,7 @@ from buffered queries with :func:`attention_probabilities`; storing queries
 Both chunk the query rows so no more than ``MAX_LOGITS`` logits exist at once
 (the fused kernel on a CPU materialises all of them).
 
-The softmax is mlx's, not the cheaper base-2 one of :mod:`.base2_softmax`:
+The softmax is mlx's, not the cheaper base-2 one of the BAM (:mod:`.bam`):
 with it, the explicit attention equals the fused kernel's bit for bit on the
 CPU, so a NAMM cache that keeps every token computes the full cache's numbers
 exactly and features recorded from a full-cache run equal the online ones.

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .base2_softmax import LOG2E, masked_exp2
 from .config import NAMMConfig
 
 #: Query rows per chunk are chosen so one chunk's attention logits stay below
@@ -23,6 +22,8 @@ from .config import NAMMConfig
 _MAX_LOGITS_PER_CHUNK = 1 << 22
 #: Below this many rows per chunk, per-call overhead outweighs the skipped work.
 _MIN_CHUNK = 128
+#: Logits times this give the same softmax through ``2 ** x`` (:func:`_masked_exp2`).
+_LOG2E = 1.4426950408889634
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _banded_causal(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.arr
     it, so every row computes ``window + b`` logits at most instead of the
     ``2 x window`` a chunk as tall as the window needs, and all blocks go
     through one batched matmul instead of one call per chunk. The softmax's
-    exponentials are most of the cost on the CPU, hence :func:`masked_exp2`
+    exponentials are most of the cost on the CPU, hence :func:`_masked_exp2`
     (one layer at 4k, window 128: 28 ms instead of 63 ms with ``mx.softmax``).
     Groups of blocks are evaluated one at a time so the logits stay under
     ``_MAX_LOGITS_PER_CHUNK`` values.
@@ -112,7 +113,7 @@ def _banded_causal(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.arr
         x = mx.pad(x, [(0, 0), (0, 0), (front, nb * b - N), (0, 0)])
         return x.reshape(B, heads, -1, b, d)
 
-    qb = blocks(q, 0) * (scale * LOG2E)  # [B, heads, nb, b, d]; logits in base 2
+    qb = blocks(q, 0) * (scale * _LOG2E)  # [B, heads, nb, b, d]; logits in base 2
     kb, vb = blocks(k, m * b), blocks(v, m * b)  # [B, heads, m + nb, b, d]; m blocks of padding first
     rows = mx.arange(nb * b).reshape(nb, b, 1)
     cols = (mx.arange(nb)[:, None] * b + mx.arange(-m * b, b)[None, :])[:, None, :]
@@ -126,7 +127,7 @@ def _banded_causal(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.arr
         values = mx.concatenate([vb[:, :, g0 + j : g1 + j] for j in range(m + 1)], axis=3)
         logits = qb[:, :, g0:g1] @ mx.swapaxes(keys, -1, -2)
         peak = mx.stop_gradient(mx.where(visible[g0:g1], logits, -mx.inf).max(axis=-1, keepdims=True))
-        weights = masked_exp2(logits, visible[g0:g1], peak)
+        weights = _masked_exp2(logits, visible[g0:g1], peak)
         # Normalising after the product divides d values per row instead of window + b.
         out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
         if group < nb:
@@ -134,6 +135,20 @@ def _banded_causal(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.arr
         outputs.append(out)
     out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
     return out.reshape(B, heads, nb * b, d)[:, :, :N]
+
+
+@mx.compile
+def _masked_exp2(logits: mx.array, visible: mx.array, peak: mx.array) -> mx.array:
+    """``2 ** (logits - peak)`` where ``visible``, else 0: softmax numerators.
+
+    Base 2 because mlx's CPU backend takes about 18 ns per ``exp`` (its
+    ``softmax`` too) and 8 ns per ``power(2, x)`` (2-core x86, mlx 0.32; not
+    measured on Metal, where the same code is correct); the subtraction and
+    the mask run in the same compiled pass. ``peak`` must be each row's
+    largest visible logit (never smaller, or the powers overflow; never much
+    larger, or they underflow to 0).
+    """
+    return mx.where(visible, mx.power(2.0, logits - peak), 0.0)
 
 
 def bam_scores(features: mx.array, weights: BAMWeights, config: NAMMConfig) -> BAMOutput:
