@@ -69,6 +69,13 @@ class NAMMConfig:
     #: never attends to cost the cache what attention needs, so a small share
     #: keeps the facts and leaves the budget to the BAM.
     key_probe_share: float = 1.0
+    #: Whose probe scores mark a token in each KV head: ``"own"`` (the head's
+    #: own probe on the head's own cached key), or ``"mean"`` / ``"max"`` over
+    #: the layer's KV heads, scored once when the token enters and carried with
+    #: it. Being a fact is a property of the token, not of a head: one head's
+    #: probe misses a digit another head's finds, and a number with one digit
+    #: missing in one head is a different number to that head.
+    key_probe_heads: str = "own"
     #: Each token's BAM attention sees only the ``bam_window`` tokens from it
     #: on (0: every newer token, as in the reference). The reference BAM costs
     #: ``N^2 / 2`` logits per head at every step, more than the forward pass it
@@ -202,5 +209,6 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "key_norm_input": (bool, lambda v: True, "true or false"),
     "key_probe_span": (int, lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (slots kept before a marked token)"),
     "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the budget's share for marked slots)"),
+    "key_probe_heads": (str, lambda v: v in ("own", "mean", "max"), "'own', 'mean' or 'max' (whose probe scores mark a token)"),
     "bam_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newer tokens each BAM query sees; 0: all)"),
 }

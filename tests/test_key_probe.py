@@ -117,12 +117,14 @@ def test_a_span_keeps_the_words_before_a_mark_and_the_mark_first():
         NAMMConfig(key_probe_span=-1)
 
 
-def _kept_after(model, namm, tokens, budget):
+def _kept_after(model, namm, tokens, budget, chunk=None):
     namm_mlx.attach(model, namm, max_kv_size=budget)
     try:
         cache = make_prompt_cache(model)
-        model(mx.array([tokens]), cache=cache)
-        mx.eval([c.state for c in cache])
+        chunk = chunk or len(tokens)
+        for start in range(0, len(tokens), chunk):
+            model(mx.array([tokens[start : start + chunk]]), cache=cache)
+            mx.eval([c.state for c in cache])
         return cache, [np.array(c.kept_positions[0]) for c in cache]
     finally:
         namm_mlx.detach(model)
@@ -150,8 +152,11 @@ def test_a_probed_namm_needs_the_layer_and_the_model_it_was_fitted_for(probe):
         scorer.score(EvictionContext(**{**context, "keys": mx.zeros((1, 2, 32, 8))}, layer=0))
 
 
-def test_the_probe_survives_save_load_and_the_prompt_cache(tmp_path, model, probe):
-    folder = _namm(mx.array(probe)).save(tmp_path / "probed")
+@pytest.mark.parametrize("heads", ["own", "mean"])
+def test_the_probe_survives_save_load_and_the_prompt_cache(tmp_path, model, probe, heads):
+    namm = _namm(mx.array(probe))
+    namm = NAMM(namm.weights, namm.norm_mean, namm.norm_var, dataclasses.replace(CONFIG, key_probe_heads=heads), key_probe=namm.key_probe)
+    folder = namm.save(tmp_path / "probed")
     loaded = NAMM.load(folder)
     np.testing.assert_array_equal(np.array(loaded.key_probe), probe)
     tokens, _ = _document(12, 80, 4)
@@ -166,6 +171,8 @@ def test_the_probe_survives_save_load_and_the_prompt_cache(tmp_path, model, prob
         restored = load_prompt_cache(path)
         assert [c.layer for c in restored] == [0, 1, 2]
         np.testing.assert_array_equal(np.array(restored[1].scorer.namm.key_probe), probe)
+        assert restored[1].scorer.namm.config.key_probe_heads == heads
+        assert len(restored[1].scorer_state) == (3 if heads == "mean" else 2)  # pooled marks travel with their slots
 
         def continuation(c):
             follow_up = mx.array(np.random.default_rng(7).integers(0, VOCAB, 30), dtype=mx.int32)
@@ -176,6 +183,30 @@ def test_the_probe_survives_save_load_and_the_prompt_cache(tmp_path, model, prob
         assert restored[0].steps >= 2
     finally:
         namm_mlx.detach(model)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_pooled_marks_keep_a_token_in_every_head_of_its_layer(model, probe, pool):
+    tokens, _ = _document(13, 160, 10)
+    features = document_features(model, tokens, step=64)  # [L, H, T, D/2], full cache
+    own = np.einsum("lhtp,lhp->lht", features, probe[:, :, :-1]) + probe[:, :, None, -1]
+    # Layer 0's keys depend on the token alone, so the full cache's are the
+    # ones the evicting cache sees; deeper layers' depend on what was evicted.
+    pooled = own[0].mean(0) if pool == "mean" else own[0].max(0)  # [T]
+    marked = set(np.flatnonzero(pooled >= 0).tolist()) - {len(tokens) - 1}
+    # Tokens the pool marks but some head's own probe does not: what pooling changes.
+    disputed = [t for t in marked if (own[0, :, t] < 0).any()]
+    assert disputed and len(marked) < 48
+    config = dataclasses.replace(CONFIG, key_probe_heads=pool)
+    namm = NAMM(_namm().weights, mx.zeros(17), mx.ones(17), config, key_probe=mx.array(probe))
+    cache, kept = _kept_after(model, namm, tokens, budget=48, chunk=32)
+    assert cache[0].steps >= 4  # old slots' marks came from the carried state, not their keys
+    for head in kept[0]:
+        missing = marked - set(head.tolist())
+        assert not missing, f"a head dropped pooled marks {sorted(missing)}"
+    own_namm = NAMM(namm.weights, namm.norm_mean, namm.norm_var, CONFIG, key_probe=namm.key_probe)
+    _, own_kept = _kept_after(model, own_namm, tokens, budget=48, chunk=32)
+    assert any(marked - set(head.tolist()) for head in own_kept[0])  # each head on its own drops some
 
 
 def test_export_refuses_a_probed_namm(tmp_path, probe):
@@ -244,7 +275,7 @@ def test_a_budget_share_lifts_only_the_surest_marks(model, probe):
             result = super().score(context)
             plain = NAMMScorer(self.namm.without_key_probe(), ranked=True).score(context).scores
             lifted = (result.scores >= mx.max(plain, axis=-1, keepdims=True) + 1.0).sum(-1)
-            marked = int(mx.sum(self._marks(context) >= 0, -1).max().item())
+            marked = int(mx.sum(self._marks(context)[0] >= 0, -1).max().item())
             self.seen.append((context.budget, int(mx.max(lifted).item()), marked, context.keys.shape[2]))
             return result
 

@@ -36,4 +36,6 @@ def test_the_default_is_the_full_bam_namm_with_a_bam_window():
     assert np.array_equal(np.array(default.key_probe), np.array(full.key_probe))
     assert default.config.key_probe_span == full.config.key_probe_span
     assert default.config.key_probe_share == full.config.key_probe_share
+    # the same probe, its marks pooled over each layer's heads
+    assert default.config.key_probe_heads == "max" and full.config.key_probe_heads == "own"
     assert default.metadata["method"] == "distilled" and default.metadata["evolved_generations"] == "0"

@@ -52,6 +52,10 @@ def probe(
         1.0, "--budget-share", min=0.0, max=1.0,
         help="Under a fixed budget, marked tokens take at most this share of it (surest first).",
     ),
+    heads: str = typer.Option(
+        "own", "--heads", metavar="own|mean|max",
+        help="Whose probe scores mark a token in a KV head: the head's own, or the mean or max over its layer's heads.",
+    ),
 ) -> None:
     """Fit a per-layer key probe on training documents and write the NAMM with it."""
     from namm_mlx import NAMM
@@ -66,6 +70,8 @@ def probe(
             raise DistillError(f"--budget-share must be above 0 and at most 1, got {budget_share}")
         if not 0.0 < marked_share < 1.0:
             raise DistillError(f"--marked-share must be between 0 and 1 (exclusive), got {marked_share}")
+        if heads not in ("own", "mean", "max"):
+            raise DistillError(f"--heads must be own, mean or max, got {heads!r}")
         doc_lengths = _ints(lengths, "--lengths")
         base = NAMM.load(namm)
         lm, tokenizer = load_model(model, dtype="float32")
@@ -89,12 +95,12 @@ def probe(
             "key_probe": json.dumps(
                 {"model": model or "default", "base_namm": str(namm), "tasks": task_names, "lengths": doc_lengths,
                  "items": items, "seed": seed, "marked_share": marked_share, "span": span,
-                 "budget_share": budget_share,
+                 "budget_share": budget_share, "heads": heads,
                  "documents": [item["_id"] for item in wanted]},
                 sort_keys=True,
             )
         }
-        config = dataclasses.replace(base.config, key_probe_span=span, key_probe_share=budget_share)
+        config = dataclasses.replace(base.config, key_probe_span=span, key_probe_share=budget_share, key_probe_heads=heads)
         probed = NAMM(base.weights, base.norm_mean, base.norm_var, config, base.norm_count, base.metadata, weights)
         probed.save(out, metadata=provenance)
         print(f"wrote {out}: {namm} with a key probe ({weights.shape[0]} layers x {weights.shape[1]} KV heads) "

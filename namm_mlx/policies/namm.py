@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import NAMMConfig
-from ..key_probe import layer_marks, probe_misfit, protect_marked
+from ..key_probe import probe_misfit, probe_scores, protect_marked, spread_marks
 from ..namm import NAMM, TokenFeatures, TokenState
 from ..selection import protect_newest, protect_recent, shared_keep_count
 from .base import EvictionContext, Policy, Scores
@@ -25,7 +25,8 @@ class NAMMScorer(Policy):
     asks only *which* tokens the NAMM keeps, never how many.
 
     Carried per-token state: the 16-sample attention tail and the 17-bin EMA
-    (positions are kept by the cache itself).
+    (positions are kept by the cache itself), and with a key probe pooled over
+    heads (``key_probe_heads``), each token's pooled probe score.
     """
 
     name = "namm"
@@ -68,22 +69,26 @@ class NAMMScorer(Policy):
         attn, carried = self._inputs(context)
         scores, state, _, _ = self.namm.score(attn, context.positions, carried, self._keys(context))
         config = self.namm.config
+        carry = [state.attn_tail, state.ema]
         if self.namm.key_probe is not None:
             limit = None  # a budget that evicts nothing leaves every mark its place
             if context.budget is not None and config.key_probe_share < 1.0 and context.keys.shape[-2] > context.budget:
                 limit = math.floor(config.key_probe_share * context.budget + 1e-9)
-            scores = protect_marked(scores, self._marks(context), config.threshold, limit)
+            marks, mark_state = self._marks(context)
+            scores = protect_marked(scores, marks, config.threshold, limit)
+            carry += mark_state
         scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
         keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
-        return Scores(scores, [state.attn_tail, state.ema], keep)
+        return Scores(scores, carry, keep)
 
     def features(self, context: EvictionContext) -> TokenFeatures:
         """The token features of this step (no scoring)."""
         attn, carried = self._inputs(context)
         return self.namm.token_features(attn, context.positions, carried, self._keys(context))
 
-    def _marks(self, context: EvictionContext) -> mx.array:
-        """The key probe's scores for this layer's slots (``>= 0``: keep first)."""
+    def _marks(self, context: EvictionContext) -> tuple[mx.array, list[mx.array]]:
+        """The key probe's marks for this layer's slots (``>= 0``: keep first),
+        spread over the span, and the per-slot state to carry (pooled scores)."""
         probe = self.namm.key_probe
         if context.layer is None:
             raise ValueError("this NAMM has a key probe, which is fitted per layer: the cache needs its layer index")
@@ -91,7 +96,20 @@ class NAMMScorer(Policy):
         misfit = probe_misfit(probe, {(heads, dim)}, context.layer < probe.shape[0])
         if misfit:
             raise ValueError(f"{misfit}; layer {context.layer} has {heads} heads of dimension {dim} (another model?)")
-        return layer_marks(context.keys, probe[context.layer], self.namm.config.key_probe_span)
+        config = self.namm.config
+        probe = probe[context.layer]
+        if config.key_probe_heads == "own":
+            return spread_marks(probe_scores(context.keys, probe), config.key_probe_span), []
+        # New slots hold the same tokens in every head (each head's kept slots
+        # differ), so this is the only time every head's key of a token is at hand.
+        n_old = context.keys.shape[-2] - context.n_new
+        new = probe_scores(context.keys[..., n_old:, :], probe)
+        pooled = new.mean(axis=1, keepdims=True) if config.key_probe_heads == "mean" else new.max(axis=1, keepdims=True)
+        raw = mx.broadcast_to(pooled, new.shape)
+        if n_old:
+            old = context.state[2] if len(context.state) > 2 else probe_scores(context.keys[..., :n_old, :], probe)
+            raw = mx.concatenate([old, raw], axis=-1)
+        return spread_marks(raw, config.key_probe_span), [raw]
 
     def _keys(self, context: EvictionContext) -> mx.array | None:
         return context.keys if self.namm.config.key_norm_input else None
@@ -102,7 +120,7 @@ class NAMMScorer(Policy):
         if not context.state:
             return attn, None
         n_old = context.positions.shape[-1] - context.n_new
-        return attn, TokenState(context.positions[..., :n_old], *context.state)
+        return attn, TokenState(context.positions[..., :n_old], *context.state[:2])
 
     def spec(self) -> dict[str, Any]:
         spec = {"policy": self.name, "config": self.namm.config.to_dict()}
