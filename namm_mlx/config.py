@@ -192,6 +192,9 @@ def _show(value: Any) -> str:
 #: Type, range check and wording of every setting (the ranges keep the
 #: pipeline's arithmetic meaningful: a zero interval never steps, a negative
 #: epsilon divides by zero, an EMA coefficient past 1 grows without bound).
+#: The values of ``NAMMConfig.key_probe_heads``.
+KEY_PROBE_HEADS = ("own", "mean", "max")
+
 _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "update_interval": (int, lambda v: 0 < v <= 1 << 20, "a positive integer up to 1048576 (tokens between NAMM steps)"),
     "n_fft": (int, lambda v: 2 <= v <= 4096, "an integer from 2 to 4096"),
@@ -209,6 +212,6 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "key_norm_input": (bool, lambda v: True, "true or false"),
     "key_probe_span": (int, lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (slots kept before a marked token)"),
     "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the budget's share for marked slots)"),
-    "key_probe_heads": (str, lambda v: v in ("own", "mean", "max"), "'own', 'mean' or 'max' (whose probe scores mark a token)"),
+    "key_probe_heads": (str, lambda v: v in KEY_PROBE_HEADS, "'own', 'mean' or 'max' (whose probe scores mark a token)"),
     "bam_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newer tokens each BAM query sees; 0: all)"),
 }

@@ -16,6 +16,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
+from namm_mlx.config import KEY_PROBE_HEADS
 from namm_mlx.integration import DEFAULT_NAMM_DIR
 
 from ..errors import user_errors
@@ -70,7 +71,7 @@ def probe(
             raise DistillError(f"--budget-share must be above 0 and at most 1, got {budget_share}")
         if not 0.0 < marked_share < 1.0:
             raise DistillError(f"--marked-share must be between 0 and 1 (exclusive), got {marked_share}")
-        if heads not in ("own", "mean", "max"):
+        if heads not in KEY_PROBE_HEADS:
             raise DistillError(f"--heads must be own, mean or max, got {heads!r}")
         doc_lengths = _ints(lengths, "--lengths")
         base = NAMM.load(namm)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import NAMMConfig
-from ..key_probe import probe_misfit, probe_scores, protect_marked, spread_marks
+from ..key_probe import layer_marks, probe_misfit, probe_scores, protect_marked, spread_marks
 from ..namm import NAMM, TokenFeatures, TokenState
 from ..selection import protect_newest, protect_recent, shared_keep_count
 from .base import EvictionContext, Policy, Scores
@@ -99,7 +99,7 @@ class NAMMScorer(Policy):
         config = self.namm.config
         probe = probe[context.layer]
         if config.key_probe_heads == "own":
-            return spread_marks(probe_scores(context.keys, probe), config.key_probe_span), []
+            return layer_marks(context.keys, probe, config.key_probe_span), []
         # New slots hold the same tokens in every head (each head's kept slots
         # differ), so this is the only time every head's key of a token is at hand.
         n_old = context.keys.shape[-2] - context.n_new
