@@ -64,10 +64,12 @@ class NAMMConfig:
     #: that introduces it ("the magic number for X is"), which the probe, fitted
     #: on answer tokens, does not mark itself.
     key_probe_span: int = 0
-    #: Under a fixed budget, marked slots take at most this share of it (the
-    #: surest first); the rest is ranked by the BAM. Marks that later text
-    #: never attends to cost the cache what attention needs, so a small share
-    #: keeps the facts and leaves the budget to the BAM.
+    #: Marked slots take at most this share of the kept slots (the surest
+    #: first): of a fixed budget, or at the threshold of the count the BAM
+    #: alone keeps, so marks never raise how many slots stay; the rest is
+    #: ranked by the BAM. Marks that later text never attends to cost the
+    #: cache what attention needs, so a small share keeps the facts and leaves
+    #: the budget to the BAM.
     key_probe_share: float = 1.0
     #: Whose probe scores mark a token in each KV head: ``"own"`` (the head's
     #: own probe on the head's own cached key), or ``"mean"`` / ``"max"`` over

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -295,8 +296,25 @@ def test_a_budget_share_lifts_only_the_surest_marks(model, probe):
     assert max(marked for _, marked in evicting) > 10
     roomy = [(lifted, marked) for budget, lifted, marked, slots in scorer.seen if slots <= budget]
     assert roomy and all(lifted == marked for lifted, marked in roomy)  # a budget that evicts nothing limits nothing
-    unbounded = Watching(namm, ranked=False)
-    unbounded.seen = []
+
+    class Counting(Watching):
+        """Also notes the kept count, and the count of the same NAMM without its probe."""
+
+        def score(self, context):
+            result = super().score(context)
+            own = NAMMScorer(self.namm.without_key_probe()).score(context).keep
+            self.counts.append((result.keep, own))
+            return result
+
+    strict = dataclasses.replace(shared, threshold=0.05)  # the BAM alone keeps about three quarters
+    unbounded = Counting(NAMM(namm.weights, namm.norm_mean, namm.norm_var, strict, key_probe=namm.key_probe), ranked=False)
+    unbounded.seen, unbounded.counts = [], []
     replay(layers, 1.0, lambda: EvictingKVCache(unbounded), step=32)
-    assert {budget for budget, *_ in unbounded.seen} == {None}  # no budget: every mark is lifted
-    assert all(lifted == marked for _, lifted, marked, _ in unbounded.seen)
+    assert {budget for budget, *_ in unbounded.seen} == {None}
+    # At the threshold the BAM's own count is the unmarked part of the kept
+    # slots, so the marks (share 0.25) add at most a third of it.
+    room = lambda own: math.floor(own / 0.75 + 1e-9)  # noqa: E731
+    assert all(own <= keep <= room(own) for keep, own in unbounded.counts)
+    capped = [(lifted, marked, own) for (_, lifted, marked, slots), (_, own) in zip(unbounded.seen, unbounded.counts) if room(own) < slots]
+    assert capped and all(lifted <= max(1, room(own) // 4) for lifted, _, own in capped)
+    assert any(marked > max(1, room(own) // 4) for _, marked, own in capped)  # the cap bit

@@ -51,7 +51,8 @@ def probe(
     ),
     budget_share: float = typer.Option(
         1.0, "--budget-share", min=0.0, max=1.0,
-        help="Under a fixed budget, marked tokens take at most this share of it (surest first).",
+        help="Marked tokens take at most this share of the kept tokens (surest first): of a fixed budget, "
+             "or at the threshold, of the BAM's own count plus the marks.",
     ),
     heads: str = typer.Option(
         "own", "--heads", metavar="own|mean|max",

@@ -24,7 +24,7 @@ keys and queries come from the full cache, not from the evicted one. One-shot
 policies are exact. Rows append to a JSONL file (resumable, item-major).
 
     python docs/scripts/replayed_qa.py OUT.jsonl [--namm NAME=DIR,...] [--tasks ...] [--lengths 2048]
-        [--limit 4] [--seed 0] [--budgets 0.25,0.5,1024] [--policies h2o,tova,...]
+        [--limit 4] [--seed 0] [--budgets 0.25,0.5,1024,threshold] [--policies h2o,tova@0.5,...]
     python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary [--policies A,B,...] [--plot PNG --shipped NAME]
 """
 
@@ -197,8 +197,8 @@ def summary(paths: list[Path], policies: list[str] | None = None, plot_to: Path 
         by[(r["length"], str(r["budget"]), r["policy"])].append(r)
     if plot_to:
         plot(by, plot_to, shipped)
-    print("| length | budget | policy | items | score (95% interval) | answer likelihood vs full | fact tokens kept | fact whole | recall (items) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| length | budget | policy | items | kept | score (95% interval) | answer likelihood vs full | fact tokens kept | fact whole | recall (items) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     order = lambda kv: (kv[0][0], kv[0][1], -np.mean([r["score"] or 0 for r in kv[1]]), -np.mean([r["ratio"] for r in kv[1]]))
     for (length, budget, policy), rs in sorted(by.items(), key=order):
         scores = [100 * r["score"] for r in rs if r["score"] is not None] or [float("nan")]
@@ -207,7 +207,8 @@ def summary(paths: list[Path], policies: list[str] | None = None, plot_to: Path 
         whole = [r["fact_whole"] for r in rs if r["fact_whole"] is not None]
         recall = [r["recall"] for r in rs if r.get("recall") is not None]
         print(
-            f"| {length} | {budget} | {policy} | {len(rs)} | {np.mean(scores):.1f} ({low:.1f}-{high:.1f}) | "
+            f"| {length} | {budget} | {policy} | {len(rs)} | {np.mean([r['kept_fraction'] for r in rs]):.3f} | "
+            f"{np.mean(scores):.1f} ({low:.1f}-{high:.1f}) | "
             f"{np.mean([r['ratio'] for r in rs]):.3f} | {np.mean(facts) if facts else float('nan'):.3f} | "
             f"{np.mean(whole) if whole else float('nan'):.3f} | "
             f"{f'{np.mean(recall):.3f} ({len(recall)})' if recall else '-'} |"
@@ -228,13 +229,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--indices", help="only these item indices per task (comma-separated; default: all below --limit)")
-    parser.add_argument("--budgets", default="0.25,0.5,1024")
+    parser.add_argument("--budgets", default="0.25,0.5,1024",
+                        help="fractions of the document, token counts, or 'threshold' (a NAMM at its own threshold, no budget); "
+                             "POLICY@B1/B2 in --policies gives that policy its own")
     parser.add_argument("--no-generate", action="store_true", help="likelihood and fact survival only (score: null)")
     args = parser.parse_args()
     if (args.plot or args.shipped) and not args.summary:
         parser.error("--plot and --shipped draw the --summary's table; add --summary")
     if args.summary:
-        return summary(args.out, [p for p in args.policies.split(",") if p] if args.policies != BASELINES else None,
+        return summary(args.out, [p.split("@")[0] for p in args.policies.split(",") if p] if args.policies != BASELINES else None,
                        args.plot, args.shipped)
     args.out = args.out[0]
 
@@ -256,8 +259,12 @@ def main() -> None:
     if any("+k" in p for p in policies) and not args.probe:
         parser.error("a NAME+kS policy needs --probe DIR (a NAMM folder with a key probe)")
     probe = NAMM.load(args.probe).key_probe if args.probe else None
-    policies += [n for n in namms if n not in {p.split("+")[0] for p in policies}]  # a NAMM named only with options runs only with them
-    budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
+    policies += [n for n in namms if n not in {p.split("@")[0].split("+")[0] for p in policies}]  # a NAMM named only with options runs only with them
+    parse = lambda bs: [b if b == "threshold" else float(b) if "." in b else int(b) for b in bs]  # noqa: E731
+    budgets = parse(args.budgets.split(","))
+    runs = [(p.split("@")[0], parse(p.split("@")[1].split("/")) if "@" in p else budgets) for p in policies]
+    if any(b == "threshold" and p.split("+")[0] not in namms for p, bs in runs for b in bs):
+        parser.error("only a --namm policy has a threshold of its own: give the others a budget (POLICY@0.5)")
     done = set()
     if args.out.exists():
         for line in args.out.read_text().splitlines():
@@ -272,7 +279,7 @@ def main() -> None:
         items = [it for it in items if int(it["_id"].split("-")[-2]) in wanted]
     install_hook()
     for item in items:
-        todo = [("full", "-")] + [(p, b) for p in policies for b in budgets]
+        todo = [("full", "-")] + [(p, b) for p, bs in runs for b in bs]
         todo = [(p, b) for p, b in todo if (item["_id"], p, str(b)) not in done]
         if not todo:
             continue
@@ -303,9 +310,9 @@ def main() -> None:
             if policy == "full":
                 caches, recall = full, None  # already replayed for the reference likelihood; answering consumes it
             else:
-                size = int(budget if budget > 1 else math.ceil(budget * doc_len))
+                size = None if budget == "threshold" else int(budget if budget > 1 else math.ceil(budget * doc_len))
                 if base in namms:
-                    scorer = make_scorer("namm", namm=namms[base], ranked=True)
+                    scorer = make_scorer("namm", namm=namms[base], ranked=size is not None)
                 else:
                     scorer = make_scorer(base, interval=512, **({"seed": args.seed} if base == "random" else {}))
                 if "p" in options:

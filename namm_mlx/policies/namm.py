@@ -71,15 +71,32 @@ class NAMMScorer(Policy):
         config = self.namm.config
         carry = [state.attn_tail, state.ema]
         if self.namm.key_probe is not None:
-            limit = None  # a budget that evicts nothing leaves every mark its place
-            if context.budget is not None and config.key_probe_share < 1.0 and context.keys.shape[-2] > context.budget:
-                limit = math.floor(config.key_probe_share * context.budget + 1e-9)
-            marks, mark_state = self._marks(context)
-            scores = protect_marked(scores, marks, config.threshold, limit)
+            scores, mark_state = self._lift_marks(scores, context)
             carry += mark_state
         scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
         keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
         return Scores(scores, carry, keep)
+
+    def _lift_marks(self, scores: mx.array, context: EvictionContext) -> tuple[mx.array, list[mx.array]]:
+        """Lift the key probe's surest marks above the BAM's scores, in at most
+        ``key_probe_share`` of the kept slots; and the marks' state to carry.
+
+        At the threshold no budget says how many slots stay, so the BAM's own
+        count is taken as the unmarked part: marks add at most
+        ``share / (1 - share)`` of it, instead of every slot they mark.
+        """
+        config = self.namm.config
+        room = context.budget
+        if not self.ranked and config.key_probe_share < 1.0:
+            plain = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
+            own = shared_keep_count(protect_newest(plain), config.threshold)
+            own = math.floor(own / (1.0 - config.key_probe_share) + 1e-9)
+            room = own if room is None else min(room, own)
+        limit = None  # room for every slot: every mark keeps its place
+        if room is not None and room < context.keys.shape[-2]:
+            limit = math.floor(config.key_probe_share * room + 1e-9)
+        marks, mark_state = self._marks(context)
+        return protect_marked(scores, marks, config.threshold, limit), mark_state
 
     def features(self, context: EvictionContext) -> TokenFeatures:
         """The token features of this step (no scoring)."""
