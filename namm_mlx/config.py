@@ -65,11 +65,11 @@ class NAMMConfig:
     #: on answer tokens, does not mark itself.
     key_probe_span: int = 0
     #: Marked slots take at most this share of the kept slots (the surest
-    #: first): of a fixed budget, or at the threshold of the count the BAM
-    #: alone keeps, so marks never raise how many slots stay; the rest is
-    #: ranked by the BAM. Marks that later text never attends to cost the
-    #: cache what attention needs, so a small share keeps the facts and leaves
-    #: the budget to the BAM.
+    #: first); the rest is ranked by the BAM. Under a fixed budget that is a
+    #: share of the budget; at the threshold the BAM's own count is the rest,
+    #: so marks add at most ``share / (1 - share)`` of it. Marks that later
+    #: text never attends to cost the cache what attention needs, so a small
+    #: share keeps the facts and leaves the budget to the BAM.
     key_probe_share: float = 1.0
     #: Whose probe scores mark a token in each KV head: ``"own"`` (the head's
     #: own probe on the head's own cached key), or ``"mean"`` / ``"max"`` over
@@ -191,12 +191,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-#: Type, range check and wording of every setting (the ranges keep the
-#: pipeline's arithmetic meaningful: a zero interval never steps, a negative
-#: epsilon divides by zero, an EMA coefficient past 1 grows without bound).
 #: The values of ``NAMMConfig.key_probe_heads``.
 KEY_PROBE_HEADS = ("own", "mean", "max")
 
+#: Type, range check and wording of every setting (the ranges keep the
+#: pipeline's arithmetic meaningful: a zero interval never steps, a negative
+#: epsilon divides by zero, an EMA coefficient past 1 grows without bound).
 _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "update_interval": (int, lambda v: 0 < v <= 1 << 20, "a positive integer up to 1048576 (tokens between NAMM steps)"),
     "n_fft": (int, lambda v: 2 <= v <= 4096, "an integer from 2 to 4096"),
@@ -213,7 +213,7 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "recent_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newest tokens always kept)"),
     "key_norm_input": (bool, lambda v: True, "true or false"),
     "key_probe_span": (int, lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (slots kept before a marked token)"),
-    "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the budget's share for marked slots)"),
+    "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the kept slots' share for marked slots)"),
     "key_probe_heads": (str, lambda v: v in KEY_PROBE_HEADS, "'own', 'mean' or 'max' (whose probe scores mark a token)"),
     "bam_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newer tokens each BAM query sees; 0: all)"),
 }
