@@ -159,18 +159,18 @@ def test_bad_kv_bits_are_refused(fixture_namm):
         EvictingKVCache(NAMMScorer(fixture_namm), kv_bits=3)
 
 
-@pytest.mark.parametrize("columns", [None, 10])  # one chunk of token columns, or many
+@pytest.mark.parametrize("frames_per_chunk", [None, 1, 2])  # one chunk of frames, or many
 @pytest.mark.parametrize("n_old", [0, 48])
-def test_spectral_ema_equals_the_literal_pipeline(n_old, columns, monkeypatch):
-    """The fast layout (no transposed series) gives the spec's STFT, EMA and tail."""
+def test_spectral_ema_equals_the_literal_pipeline(n_old, frames_per_chunk, monkeypatch):
+    """The fast layout (frames as strided views of the probabilities) gives the
+    spec's STFT, EMA and tail, however the frames are chunked."""
     from namm_mlx import features
     from namm_mlx.features import attention_series, ema_over_frames, spectral_ema, stft_magnitudes
 
-    if columns:
-        monkeypatch.setattr(features, "MAX_SPECTRUM", 2 * 3 * 4 * 4 * 17 * columns)  # lead x frames x 4 bins
-
     mx.random.seed(4)
     n, N = 64, 64 + n_old
+    if frames_per_chunk:  # lead x frames x both halves of 17 bins x slots
+        monkeypatch.setattr(features, "MAX_SPECTRUM", 2 * 3 * frames_per_chunk * 34 * N)
     attn = mx.softmax(mx.random.normal((2, 3, n, N)) * 3, axis=-1)  # two stacked layers
     tail = mx.random.uniform(shape=(2, 3, n_old, 16)) * 0.01 if n_old else None
     ema = mx.random.uniform(shape=(2, 3, n_old, 17)) * 0.05 if n_old else None
@@ -180,6 +180,17 @@ def test_spectral_ema_equals_the_literal_pipeline(n_old, columns, monkeypatch):
     for got, want in zip(spectral_ema(attn, tail, ema, CONFIG), expected):
         assert got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+def test_spectral_ema_reads_a_non_contiguous_view_as_its_copy():
+    """The frames are strided views of row-major probabilities; a transposed
+    view must be laid out first, not read with the wrong strides."""
+    from namm_mlx.features import spectral_ema
+
+    x = mx.random.uniform(shape=(2, 3, 96, 64))
+    view = mx.swapaxes(x, -1, -2)  # [2, 3, 64, 96], columns contiguous
+    for got, want in zip(spectral_ema(view, None, None, CONFIG), spectral_ema(mx.contiguous(view), None, None, CONFIG)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_the_carried_tail_does_not_hold_the_steps_probabilities():
