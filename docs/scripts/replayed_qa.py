@@ -26,6 +26,7 @@ policies are exact. Rows append to a JSONL file (resumable, item-major).
     python docs/scripts/replayed_qa.py OUT.jsonl [--namm NAME=DIR,...] [--tasks ...] [--lengths 2048]
         [--limit 4] [--seed 0] [--budgets 0.25,0.5,1024,threshold] [--policies h2o,tova@0.5,...]
     python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary [--policies A,B,...] [--plot PNG --shipped NAME]
+    python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary --gap A,B
 """
 
 import argparse
@@ -215,12 +216,43 @@ def summary(paths: list[Path], policies: list[str] | None = None, plot_to: Path 
         )
 
 
+def gap(paths: list[Path], pair: list[str], band: int = 3) -> None:
+    """Where ``pair[1]`` keeps attention that ``pair[0]`` loses: per length and
+    budget, on the items both were run on with per-layer recall, the mean
+    recall by band of ``band`` layers and by step (the document's 512-token
+    steps, then the final one), and the difference."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["policy"] in pair and r.get("recall_step_layer")]
+    groups, offsets = defaultdict(dict), {}
+    for r in rows:
+        groups[(r["length"], str(r["budget"]))].setdefault(r["item"], {})[r["policy"]] = np.asarray(r["recall_step_layer"])
+        offsets[(r["length"], r["item"])] = r["recall_offsets"]
+    a, b = pair
+    for (length, budget), items in sorted(groups.items()):
+        both = {i: v for i, v in items.items() if a in v and b in v and v[a].shape == v[b].shape}
+        if not both:
+            continue
+        print(f"\n{length} tokens, budget {budget}: {len(both)} items ({', '.join(sorted(both))})")
+        by_layer = {p: np.mean([v[p].mean(axis=0) for v in both.values()], axis=0) for p in pair}
+        print(f"| layers | {a} | {b} | {b} - {a} |\n|---|---|---|---|")
+        for l0 in range(0, len(by_layer[a]), band):
+            x, y = by_layer[a][l0 : l0 + band].mean(), by_layer[b][l0 : l0 + band].mean()
+            print(f"| {l0}-{min(l0 + band, len(by_layer[a])) - 1} | {x:.4f} | {y:.4f} | {y - x:+.4f} |")
+        steps = min(v[a].shape[0] for v in both.values())  # the last ones, if document lengths differ
+        by_step = {p: np.mean([v[p][-steps:].mean(axis=1) for v in both.values()], axis=0) for p in pair}
+        at = offsets[(length, sorted(both)[0])][-steps:]
+        print(f"\n| cached tokens at the step | {a} | {b} | {b} - {a} |\n|---|---|---|---|")
+        for offset, x, y in zip(at, by_step[a], by_step[b]):
+            print(f"| {offset} | {x:.4f} | {y:.4f} | {y - x:+.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, nargs="+", help="results JSONL (several with --summary)")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--plot", type=Path, help="with --summary: draw score vs kept share to PNG (one file per length)")
     parser.add_argument("--shipped", help="with --plot: the policy drawn as the highlighted NAMM")
+    parser.add_argument("--gap", help="with --summary: A,B prints where B's recall beats A's, by layers and by step")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
     parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens, NAME+kS keeps --probe's marked tokens (and S tokens before each; +k: none) first")
     parser.add_argument("--probe", help="a NAMM folder whose key probe NAME+k policies use")
@@ -236,6 +268,12 @@ def main() -> None:
     args = parser.parse_args()
     if (args.plot or args.shipped) and not args.summary:
         parser.error("--plot and --shipped draw the --summary's table; add --summary")
+    if args.gap and not args.summary:
+        parser.error("--gap reads the results; add --summary")
+    if args.gap and len(args.gap.split(",")) != 2:
+        parser.error("--gap takes two policies: A,B")
+    if args.summary and args.gap:
+        return gap(args.out, args.gap.split(","))
     if args.summary:
         return summary(args.out, [p.split("@")[0] for p in args.policies.split(",") if p] if args.policies != BASELINES else None,
                        args.plot, args.shipped)
@@ -260,7 +298,21 @@ def main() -> None:
         parser.error("a NAME+kS policy needs --probe DIR (a NAMM folder with a key probe)")
     probe = NAMM.load(args.probe).key_probe if args.probe else None
     policies += [n for n in namms if n not in {p.split("@")[0].split("+")[0] for p in policies}]  # a NAMM named only with options runs only with them
-    parse = lambda bs: [b if b == "threshold" else float(b) if "." in b else int(b) for b in bs]  # noqa: E731
+
+    def parse(bs: list[str]) -> list:
+        """Budgets: 'threshold', a fraction of the document (0 < f <= 1, with a
+        dot) or a token count (a positive integer)."""
+        out = []
+        for b in bs:
+            try:
+                value = b if b == "threshold" else float(b) if "." in b else int(b)
+            except ValueError:
+                value = None
+            if value is None or (value != "threshold" and not (0 < value <= 1 if isinstance(value, float) else value > 0)):
+                parser.error(f"bad budget {b!r}: give a fraction such as 0.5, a token count such as 1024, or 'threshold'")
+            out.append(value)
+        return out
+
     budgets = parse(args.budgets.split(","))
     runs = [(p.split("@")[0], parse(p.split("@")[1].split("/")) if "@" in p else budgets) for p in policies]
     if any(b == "threshold" and p.split("+")[0] not in namms for p, bs in runs for b in bs):
@@ -337,6 +389,9 @@ def main() -> None:
                 "prediction": text, "logprob": lp, "full_logprob": full_lp, "ratio": math.exp(min(lp - full_lp, 50.0)),
                 "fact_kept": kept, "fact_whole": whole, "replay_seconds": round(replay_seconds, 2),
                 "recall": None if recall is None else recall.mean, "recall_final": None if recall is None else recall.final,
+                # [step][layer], to say where a policy loses attention that another keeps (--gap)
+                "recall_step_layer": None if recall is None else np.round(recall.per_step_layer, 5).tolist(),
+                "recall_offsets": None if recall is None else [int(o) for o in recall.offsets],
                 "seconds": round(time.time() - t0, 2),
             }
             with args.out.open("a") as f:
