@@ -55,6 +55,25 @@ def document_prompt(tokenizer, doc: str, n_tokens: int) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def load_stretched(positions: int) -> tuple:
+    """The default model, with the YaRN scaling ``namm chat`` applies when
+    ``positions`` exceed its trained context; and a note saying which."""
+    path = resolve_model_path(None)
+    trained = context_limit(json.loads((Path(path) / "config.json").read_text()))
+    overrides, note = {}, ""
+    if trained and positions > trained:
+        scaling = yarn_scaling(positions, trained)
+        overrides = {"rope_scaling": scaling, "max_position_embeddings": positions}
+        note = f"; YaRN x{scaling['factor']:g} ({positions:,} positions > {trained:,} trained)"
+    model, tokenizer = mlx_lm.load(str(path), model_config=overrides)
+    return model, tokenizer, note
+
+
+def default_document() -> Path:
+    """The text under ``examples/`` every benchmark reads by default."""
+    return next(iter(sorted((REPO / "examples").glob("*.txt"))))
+
+
 class StepTimer:
     """Times eviction steps only: everything the step reads (including the
     probabilities its forward computed) is evaluated before the clock starts."""
@@ -144,18 +163,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown caches {unknown}; choose from {','.join(CACHES)}")
 
-    doc_path = Path(args.doc) if args.doc else next(iter(sorted((REPO / "examples").glob("*.txt"))))
+    doc_path = Path(args.doc) if args.doc else default_document()
     namm = NAMM.load(args.namm or DEFAULT_NAMM_DIR)
-    path = resolve_model_path(None)
-    config = json.loads((Path(path) / "config.json").read_text())
-    trained = context_limit(config)
-    needed = args.tokens + args.max_tokens + 64
-    overrides, note = {}, ""
-    if trained and needed > trained:
-        scaling = yarn_scaling(needed, trained)
-        overrides = {"rope_scaling": scaling, "max_position_embeddings": needed}
-        note = f"; YaRN x{scaling['factor']:g} ({needed:,} positions > {trained:,} trained)"
-    model, tokenizer = mlx_lm.load(str(path), model_config=overrides)
+    model, tokenizer, note = load_stretched(args.tokens + args.max_tokens + 64)
     prompt = document_prompt(tokenizer, doc_path.read_text(), args.tokens)
     print(f"mlx {mx.__version__} on {mx.default_device()}; SmolLM2-135M-Instruct float32; {len(prompt):,}-token "
           f"prompt from {doc_path.name}, {args.max_tokens} tokens decoded{note}; NAMM {args.namm or DEFAULT_NAMM_DIR}")  # fmt: skip

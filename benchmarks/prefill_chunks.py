@@ -15,20 +15,15 @@ Run:  python benchmarks/prefill_chunks.py [--tokens 32768] [--max-kv-size 2048] 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
-from generate import REPO, document_prompt
+from generate import default_document, document_prompt, load_stretched
 from mlx_lm.models.cache import make_prompt_cache
 
 import namm_mlx
 from namm_mlx import NAMM
 from namm_mlx.integration import DEFAULT_NAMM_DIR
-from namm_mlx.models import resolve_model_path
-from namm_mlx.session import context_limit, yarn_scaling
 
 CHUNK = 512
 
@@ -46,19 +41,12 @@ def main() -> None:
     if args.window % CHUNK or args.window <= 0:
         parser.error(f"--window must be a positive multiple of {CHUNK}")
 
-    path = resolve_model_path(None)
-    trained = context_limit(json.loads((Path(path) / "config.json").read_text()))
-    needed = args.tokens + 64
-    overrides = {}
-    if trained and needed > trained:  # the YaRN scaling `namm chat` and generate.py apply
-        overrides = {"rope_scaling": yarn_scaling(needed, trained), "max_position_embeddings": needed}
-    model, tokenizer = mlx_lm.load(str(path), model_config=overrides)
-    doc = next(iter(sorted((REPO / "examples").glob("*.txt")))).read_text()
-    prompt = document_prompt(tokenizer, doc, args.tokens)
+    model, tokenizer, note = load_stretched(args.tokens + 64)
+    prompt = document_prompt(tokenizer, default_document().read_text(), args.tokens)
     namm_mlx.attach(model, NAMM.load(args.namm or DEFAULT_NAMM_DIR), max_kv_size=args.max_kv_size)
     cache = make_prompt_cache(model)
     print(f"mlx {mx.__version__} on {mx.default_device()}; {len(prompt):,}-token prompt, "
-          f"--max-kv-size {args.max_kv_size}, {CHUNK}-token chunks")  # fmt: skip
+          f"--max-kv-size {args.max_kv_size}, {CHUNK}-token chunks{note}")  # fmt: skip
     done, spent, window_start = 0, 0.0, 0
     for start in range(0, len(prompt), CHUNK):
         chunk = prompt[start : start + CHUNK]

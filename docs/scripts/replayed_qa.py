@@ -166,18 +166,25 @@ def plot(by: dict, path: Path, shipped: str | None) -> None:
         fig.savefig(path.with_name(f"{path.stem}-{length}{path.suffix}"), format="png")
 
 
+def read_rows(paths: list[Path]) -> list[dict]:
+    """The rows of every file, one per item, policy and budget (the first:
+    files may repeat the full cache)."""
+    rows, seen = [], set()
+    for row in (json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()):
+        key = (row["item"], row["policy"], str(row["budget"]))
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
 def summary(paths: list[Path], policies: list[str] | None = None, plot_to: Path | None = None,
             shipped: str | None = None) -> None:
     """Table per length, budget and policy; with ``policies``, only those and
     only on the items every one of them (and the full cache) was run on."""
     from namm_mlx.eval.bootstrap import bootstrap_interval
 
-    rows, seen = [], set()
-    for row in (json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()):
-        key = (row["item"], row["policy"], str(row["budget"]))
-        if key not in seen:  # one row per item, policy and budget (files may repeat the full cache)
-            seen.add(key)
-            rows.append(row)
+    rows = read_rows(paths)
     if policies:
         rows = [r for r in rows if r["policy"] in policies or r["policy"] == "full"]
         has: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -221,8 +228,7 @@ def gap(paths: list[Path], pair: list[str], band: int = 3) -> None:
     budget, on the items both were run on with per-layer recall, the mean
     recall by band of ``band`` layers and by step (the document's 512-token
     steps, then the final one), and the difference."""
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["policy"] in pair and r.get("recall_step_layer")]
+    rows = [r for r in read_rows(paths) if r["policy"] in pair and r.get("recall_step_layer")]
     groups, offsets = defaultdict(dict), {}
     for r in rows:
         groups[(r["length"], str(r["budget"]))].setdefault(r["item"], {})[r["policy"]] = np.asarray(r["recall_step_layer"])
