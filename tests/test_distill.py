@@ -114,7 +114,11 @@ def _kept_share(importance: np.ndarray, ranking: np.ndarray, fraction: float) ->
 def test_distillation_learns_a_planted_rule(model):
     train = [_planted(model, seed)[0] for seed in (10, 11, 12)]
     held_out, h2o = _planted(model, 20)
-    options = DistillOptions(target="future", steps=60, learning_rate=1e-2, seed=0, keep=0.5, layers_per_batch=None, window=256)
+    # Adam leaves the plateau that H2O's ranking sits on somewhere between 60 and
+    # 100 steps, at a step that moves with the BLAS's summation order (60 steps
+    # beat H2O with two OpenBLAS threads and lost with one); by 150 it is past it
+    # either way, 0.08 above H2O.
+    options = DistillOptions(target="future", steps=150, learning_rate=1e-2, seed=0, keep=0.5, layers_per_batch=None, window=256)
     namm = fit_namm(train, options, CONFIG)
     recency = RecencyTable(CONFIG)
     rng = np.random.default_rng(0)

@@ -68,11 +68,11 @@ def test_generation_fitness_normalises_by_the_full_cache(generation):
     assert zero["quality"] == (1.0 if full > 0 else full) and zero["tasks_scored"] == (1 if full > 0 else 0)
     assert zero["fitness"] == pytest.approx(zero["quality"] - generation.memory_penalty)
     member = np.random.default_rng(1).normal(0, 0.065, 4172)
-    first, second = generation.evaluate(member, items), generation.evaluate(member, items)
-    assert first == second, "a member's fitness is deterministic"
+    first = generation.evaluate(member, items)
     assert first["kept_fraction"] < 1.0
     assert first["fitness"] == pytest.approx(first["quality"] - generation.memory_penalty * first["kept_fraction"])
-    # the population call scores each member on the generation's items
+    # the population call scores each member on the generation's items, as
+    # evaluate did: a member's fitness is deterministic
     from namm_mlx.evolve import EvalContext
 
     rows = generation(np.stack([np.zeros(4172), member]), [0, 1], context=EvalContext(3, "main", 0, 0, 1))

@@ -1,7 +1,7 @@
 """A real pretrained model evicting through stock mlx-lm generation.
 
 SmolLM2-135M-Instruct (the embedded default, converted from its PyPI GGUF)
-reads a ~3k-token real document through ``mlx_lm.stream_generate`` with a NAMM
+reads a ~2.3k-token real document through ``mlx_lm.stream_generate`` with a NAMM
 attached: it answers a question about the document while its caches hold
 fewer bytes than the full cache would.
 """
@@ -30,14 +30,14 @@ def namm_dir(reference_namm, tmp_path_factory) -> Path:
 
 
 def test_document_answer_with_bounded_cache(namm_dir):
-    model, tokenizer = namm_mlx.load(namm=namm_dir, max_kv_size=1024)
+    model, tokenizer = namm_mlx.load(namm=namm_dir, max_kv_size=768)
     text = (DATA / "pride_and_prejudice.txt").read_text()
-    body = tokenizer.encode(text, add_special_tokens=False)[:2900]
+    body = tokenizer.encode(text, add_special_tokens=False)[:2300]
     fact = "\n\nNote from the editor: the secret code of the library is 7314.\n\n"
     document = tokenizer.decode(body) + fact
     messages = [{"role": "user", "content": document + "What is the secret code of the library?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    assert 2900 < len(prompt) < 3200
+    assert 2300 < len(prompt) < 2600  # steps at 512, 1,024, 1,536 and 2,048
 
     cache = mlx_lm.models.cache.make_prompt_cache(model)
     assert all(isinstance(c, EvictingKVCache) for c in cache)
@@ -50,7 +50,7 @@ def test_document_answer_with_bounded_cache(namm_dir):
     assert "7314" in answer, answer
 
     offset = cache[0].offset
-    assert all(c.steps >= 5 and c.length <= 1024 + 512 for c in cache)
+    assert all(c.steps >= 4 and c.length <= 768 + 512 for c in cache), [(c.steps, c.length) for c in cache][:3]
     full = KVCache()
     k = mx.zeros((1, cache[0].keys.shape[1], offset, cache[0].keys.shape[3]), dtype=cache[0].keys.dtype)
     full.update_and_fetch(k, k)
