@@ -100,3 +100,28 @@ def test_full_cache_recall_is_one_and_random_is_lower(model):
     oracle = [np.sort(np.argsort(-future.future(l, 512), axis=-1)[:, :64], axis=-1) for l in range(len(last.kept))]
     best = future_attention_recall(future, [KeptSnapshot(512, oracle)]).mean
     assert best > future_attention_recall(future, [last]).mean
+
+
+def test_a_saved_recording_replays_as_the_recorded_one(model, tmp_path):
+    from namm_mlx.eval.query_agnostic import replay_kept_sets
+    from namm_mlx.eval.recall import future_attention_from_caches, load_recording, save_recording
+    from namm_mlx.cache import EvictingKVCache
+    from namm_mlx.recording import recorded_layers
+
+    tokens = np.random.default_rng(2).integers(1, 90, size=400).tolist()
+    caches = record_full_cache(model, tokens, step=128, split=320)
+    layers, scale = recorded_layers(caches), caches[0].scale
+    future = future_attention_from_caches(caches, 320, 128)
+    path = save_recording(tmp_path / "deep" / "item.npz", layers, scale, future)
+    loaded, loaded_scale, loaded_future = load_recording(path)
+    assert loaded_scale == scale and len(loaded) == len(layers)
+    assert (loaded_future.step, loaded_future.length, loaded_future.doc_length) == (128, 400, 320)
+    for (k, v, q), (k2, v2, q2) in zip(layers, loaded):
+        for a, b in ((k, k2), (v, v2), (q, q2)):
+            assert a.dtype == b.dtype and np.array_equal(np.array(a), np.array(b))
+    recalls = []
+    for recording, fut in ((layers, future), (loaded, loaded_future)):
+        make = lambda: EvictingKVCache(make_scorer("h2o", interval=128), max_kv_size=96)
+        trace, _ = replay_kept_sets(recording, scale, make, 320)
+        recalls.append(future_attention_recall(fut, trace).mean)
+    assert 0.0 < recalls[0] < 1.0 and recalls[0] == recalls[1]

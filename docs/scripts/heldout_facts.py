@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from heldout_recall import LAYERS, SEED, TASKS, load_recording  # noqa: E402
+from heldout_recall import LAYERS, SEED, TASKS  # noqa: E402
 from replayed_qa import answer_positions, fact_survival  # noqa: E402
 
 RECORDINGS = Path(__file__).parents[1] / "recall-heldout-3k-recordings"
@@ -46,7 +46,7 @@ def main() -> None:
         return summary(out)
     from namm_mlx.cache import EvictingKVCache
     from namm_mlx.eval.query_agnostic import replay_kept_sets
-    from namm_mlx.eval.recall import future_attention_recall
+    from namm_mlx.eval.recall import future_attention_recall, load_recording
     from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.models import load_model
     from namm_mlx.namm import NAMM
@@ -65,7 +65,8 @@ def main() -> None:
         todo = [(p, b) for p in baselines + list(namms) for b in budgets if (item["_id"], p, str(b)) not in done]
         if not todo:
             continue
-        layers, future, scale, doc_length = load_recording(RECORDINGS / f"{item['_id']}.npz")
+        layers, scale, future = load_recording(RECORDINGS / f"{item['_id']}.npz")
+        doc_length = future.doc_length
         tokens, _ = item_tokens(tok, item)
         facts = answer_positions(tok, tokens[:doc_length], [str(a) for a in item["answers"]])
         for policy, budget in todo:

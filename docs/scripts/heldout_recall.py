@@ -27,18 +27,6 @@ LAYERS = list(range(1, 30, 3))
 SEED = 2000
 
 
-def load_recording(path: Path):
-    """``(layers, future, scale, doc_length)`` of one cached recording: the
-    recorded ``(keys, values, queries)`` of LAYERS and their future attention."""
-    from namm_mlx.eval.recall import FutureAttention
-
-    with np.load(path) as d:
-        layers = [tuple(mx.array(d[f"{i}.{k}"]) for k in ("k", "v", "q")) for i in range(len(LAYERS))]
-        future = FutureAttention([d[f"{i}.s"] for i in range(len(LAYERS))], [d[f"{i}.m"] for i in range(len(LAYERS))],
-                                 512, int(d["length"]), int(d["doc_length"]))
-        return layers, future, float(d["scale"]), int(d["doc_length"])
-
-
 def summary(path: Path) -> None:
     from namm_mlx.eval.bootstrap import bootstrap_interval
 
@@ -62,7 +50,7 @@ def main() -> None:
     from namm_mlx.cache import EvictingKVCache
     from namm_mlx.distill.evaluate import replay_recall
     from namm_mlx.distill.record import item_tokens
-    from namm_mlx.eval.recall import FutureAttention, future_attention_from_caches
+    from namm_mlx.eval.recall import future_attention_from_caches, load_recording, save_recording
     from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.models import load_model
     from namm_mlx.namm import NAMM
@@ -87,7 +75,8 @@ def main() -> None:
             continue
         cached = out.parent / (out.stem + "-recordings") / f"{item['_id']}.npz"
         if cached.exists():
-            layers, future, scale, doc_length = load_recording(cached)
+            layers, scale, future = load_recording(cached)
+            doc_length = future.doc_length
         else:
             tokens, doc_length = item_tokens(tok, item)
             caches = record_full_cache(model, tokens, 512, split=doc_length)
@@ -95,12 +84,7 @@ def main() -> None:
             scale = caches[0].scale
             future = future_attention_from_caches(caches, doc_length, 512, LAYERS)
             del caches
-            cached.parent.mkdir(exist_ok=True)
-            arrays = {"length": np.array(future.length), "doc_length": np.array(doc_length), "scale": np.array(scale)}
-            for i, (k, v, q) in enumerate(layers):
-                arrays[f"{i}.k"], arrays[f"{i}.v"], arrays[f"{i}.q"] = np.array(k), np.array(v), np.array(q)
-                arrays[f"{i}.s"], arrays[f"{i}.m"] = future.block_sums[i], future.block_max[i]
-            np.savez(cached, **arrays)
+            save_recording(cached, layers, scale, future)
         for policy, budget in todo:
             size = budget if budget > 1 else math.ceil(budget * doc_length)
             scorer = make_scorer("namm", namm=loaded[policy], ranked=True) if policy in loaded else make_scorer(policy, interval=512)

@@ -23,7 +23,7 @@ The approximation is kvpress's: after a policy's first step, later tokens'
 keys and queries come from the full cache, not from the evicted one. One-shot
 policies are exact. Rows append to a JSONL file (resumable, item-major).
 
-    python docs/scripts/replayed_qa.py OUT.jsonl [--namm NAME=DIR,...] [--tasks ...] [--lengths 2048]
+    python docs/scripts/replayed_qa.py OUT.jsonl [--namm NAME=DIR,...] [--tasks ...] [--lengths 2048] [--recordings DIR]
         [--limit 4] [--seed 0] [--budgets 0.25,0.5,1024,threshold] [--policies h2o,tova@0.5,...]
     python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary [--policies A,B,...] [--plot PNG --shipped NAME]
     python docs/scripts/replayed_qa.py OUT.jsonl [MORE.jsonl ...] --summary --gap A,B
@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.25,0.5,1024",
                         help="fractions of the document, token counts, or 'threshold' (a NAMM at its own threshold, no budget); "
                              "POLICY@B1/B2 in --policies gives that policy its own")
+    parser.add_argument("--recordings", type=Path, help="folder that keeps each item's full-cache recording, so a later run with other policies skips the model's pass (about 0.5 GB per 4,096-token item)")
     parser.add_argument("--no-generate", action="store_true", help="likelihood and fact survival only (score: null)")
     args = parser.parse_args()
     if (args.plot or args.shipped) and not args.summary:
@@ -290,7 +291,7 @@ def main() -> None:
     from namm_mlx.eval.metrics import max_new_tokens, score_prediction
     from namm_mlx.eval.prompts import encode
     from namm_mlx.eval.query_agnostic import replay_kept_sets, split_prompt
-    from namm_mlx.eval.recall import future_attention_from_caches, future_attention_recall
+    from namm_mlx.eval.recall import future_attention_from_caches, future_attention_recall, load_recording, save_recording
     from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.hook import install_hook
     from namm_mlx.models import load_model
@@ -346,12 +347,18 @@ def main() -> None:
         answer = encode(tok, reference_answer(item))
         facts = answer_positions(tok, split.document, [str(a) for a in item["answers"]])
         start = time.time()
-        # question and answer are recorded too (never replayed): their queries
-        # are the last rows of the future attention that recall is measured on
-        recorded = record_full_cache(model, split.document + split.question + answer, 512, split=doc_len)
-        layers, scale = recorded_layers(recorded), recorded[0].scale
-        future = future_attention_from_caches(recorded, doc_len, 512)
-        del recorded
+        cached = args.recordings / f"{item['_id']}.npz" if args.recordings else None
+        if cached is not None and cached.exists():
+            layers, scale, future = load_recording(cached)
+        else:
+            # question and answer are recorded too (never replayed): their queries
+            # are the last rows of the future attention that recall is measured on
+            recorded = record_full_cache(model, split.document + split.question + answer, 512, split=doc_len)
+            layers, scale = recorded_layers(recorded), recorded[0].scale
+            future = future_attention_from_caches(recorded, doc_len, 512)
+            del recorded
+            if cached is not None:
+                save_recording(cached, layers, scale, future)
         limit = max_new_tokens(item["dataset"])
 
         def run(scorer, size):

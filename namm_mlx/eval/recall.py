@@ -19,7 +19,9 @@ of every ``step``-long block of queries (``[H, blocks, T]``), never the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import mlx.core as mx
@@ -27,8 +29,9 @@ import numpy as np
 
 from ..attention import attention_probabilities
 from ..cache import EvictingKVCache
+from ..files import atomic_write
 from ..prefill import prefill
-from ..recording import record_full_cache
+from ..recording import RecordedLayer, record_full_cache
 
 
 @dataclass
@@ -115,6 +118,31 @@ def future_attention_from_caches(
         sums.append(np.array(s))
         maxes.append(np.array(m))
     return FutureAttention(sums, maxes, step, length, doc_length)
+
+
+def save_recording(path: str | os.PathLike, layers: Sequence[RecordedLayer], scale: float, future: FutureAttention) -> Path:
+    """Write a recorded full pass (each layer's keys, values and queries, the
+    attention scale, and the future attention of the same layers) to one
+    ``.npz``, so every later policy replays it without the model's forward.
+    numpy has no bfloat16: record in float32 or float16."""
+    arrays = {"length": np.array(future.length), "doc_length": np.array(future.doc_length),
+              "scale": np.array(scale), "step": np.array(future.step)}
+    for i, (k, v, q) in enumerate(layers):
+        arrays[f"{i}.k"], arrays[f"{i}.v"], arrays[f"{i}.q"] = np.array(k), np.array(v), np.array(q)
+        arrays[f"{i}.s"], arrays[f"{i}.m"] = future.block_sums[i], future.block_max[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def load_recording(path: str | os.PathLike) -> tuple[list[RecordedLayer], float, FutureAttention]:
+    """``(layers, scale, future)`` as :func:`save_recording` wrote them."""
+    with np.load(path) as d:
+        n = sum(1 for name in d.files if name.endswith(".k"))
+        layers = [tuple(mx.array(d[f"{i}.{k}"]) for k in ("k", "v", "q")) for i in range(n)]
+        step = int(d["step"]) if "step" in d.files else 512
+        future = FutureAttention([d[f"{i}.s"] for i in range(n)], [d[f"{i}.m"] for i in range(n)],
+                                 step, int(d["length"]), int(d["doc_length"]))
+        return layers, float(d["scale"]), future
 
 
 # --------------------------------------------------------------------------- kept sets
