@@ -83,6 +83,13 @@ class NAMMConfig:
     #: ``N^2 / 2`` logits per head at every step, more than the forward pass it
     #: follows on a CPU; a window makes it ``N x window``.
     bam_window: int = 0
+    #: Each token's score is ``(1 - w) * BAM + w * log(N * a + 1e-3)``, where
+    #: ``a`` is the attention the step's newest query pays it (its KV head's
+    #: queries averaged) and ``N`` the cached tokens (0: the BAM alone, as in
+    #: the reference). The spectrogram's Hann window gives the newest queries
+    #: almost no weight, so the BAM cannot see what the newest query reads,
+    #: which is TOVA's whole signal and predicts later attention well.
+    newest_query_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name, (kind, check, wanted) in _SCHEMA.items():
@@ -216,4 +223,5 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the kept slots' share for marked slots)"),
     "key_probe_heads": (str, lambda v: v in KEY_PROBE_HEADS, "'own', 'mean' or 'max' (whose probe scores mark a token)"),
     "bam_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newer tokens each BAM query sees; 0: all)"),
+    "newest_query_weight": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1 (the newest query's share of a token's score)"),
 }

@@ -415,6 +415,11 @@ def export_checkpoint(
             f"{namm_dir}: this NAMM's BAM attends over a window of {namm.config.bam_window} newer tokens "
             "(bam_window); the reference BAM attends over all of them, so its scores would change"
         )
+    if namm.config.newest_query_weight:
+        raise ConversionError(
+            f"{namm_dir}: this NAMM mixes the newest query's attention into its scores "
+            f"(newest_query_weight {namm.config.newest_query_weight}), which the reference does not"
+        )
     if namm.key_probe is not None:
         raise ConversionError(
             f"{namm_dir}: this NAMM has a key probe, which the reference format cannot hold "

@@ -157,6 +157,17 @@ class NAMM:
             config,
         )
 
+    def with_config(self, **changes: Any) -> "NAMM":
+        """The same weights with settings changed (``key_probe_share=0.15``).
+        Only settings that leave the weights' shapes alone can change: the
+        weights were fitted for those shapes."""
+        config = dataclasses.replace(self.config, **changes)
+        if config.param_size != self.config.param_size or config.n_bins != self.config.n_bins:
+            changed = ", ".join(sorted(changes))
+            raise ValueError(f"{changed}: the weights were fitted for {self.config.param_size} parameters, "
+                             f"these settings need {config.param_size}")
+        return NAMM(self.weights, self.norm_mean, self.norm_var, config, self.norm_count, self.metadata, self.key_probe)
+
     def without_key_probe(self) -> "NAMM":
         """The same NAMM without its key probe (for a model the probe was not fitted to)."""
         config = dataclasses.replace(self.config, key_probe_span=0, key_probe_share=1.0)

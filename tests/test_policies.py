@@ -406,3 +406,63 @@ def test_namm_recent_window_keeps_the_newest_tokens(reference_namm):
     assert kept(small) == [list(range(n - 5, n))] * H
     with pytest.raises(ValueError, match="recent_window"):
         NAMMConfig(recent_window=-1)
+
+
+def test_namm_newest_query_weight_mixes_in_what_the_newest_query_reads(reference_namm):
+    """``newest_query_weight`` w scores ``(1 - w) * BAM + w * log(N * a + 1e-3)``
+    with ``a`` the newest query's attention in the token's own KV head; 0 is the
+    reference. At w = 1 a NAMM keeps what each head's newest query reads (per
+    head, where TOVA shares one choice over the layer's heads)."""
+    from namm_mlx.policies.namm import mix_newest_query
+
+    attn = mx.array([[[[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.25, 0.0]]]])  # [B, H, n, N]
+    scores = mx.array([[[1.0, -1.0, 2.0, 0.0]]])
+    expected = 0.25 * np.array([1.0, -1.0, 2.0, 0.0]) + 0.75 * np.log(4 * np.array([0.5, 0.25, 0.25, 0.0]) + 1e-3)
+    np.testing.assert_allclose(np.array(mix_newest_query(scores, attn, 0.75))[0, 0], expected, rtol=1e-6)
+
+    # every query but the last reads token 5; the last reads token 3 in head 0 and 10 in head 1
+    keys, queries = pattern([{5: 1, 3: 0}, {5: 1, 10: 0}], [[1] * (N - 1) + [0]] * H)
+    newest = NAMM.zeros(NAMMConfig(n_fft=8, hop=4, update_interval=N, newest_query_weight=1.0))
+    cache = drive(NAMMScorer(newest, ranked=True), keys, queries, chunk=10, max_kv_size=2)
+    assert kept(cache) == [[3, 19], [10, 19]]
+
+    rng = np.random.default_rng(4)
+    keys = rng.normal(size=(1, H, 64, D)).astype(np.float32)
+    queries = rng.normal(size=(1, H, 64, D)).astype(np.float32)
+    w = reference_namm
+    with_weight = lambda x: NAMM(w.weights, w.norm_mean, w.norm_var,
+                                 NAMMConfig(**{**w.config.to_dict(), "update_interval": 32, "newest_query_weight": x}))
+    plain = NAMM(w.weights, w.norm_mean, w.norm_var, NAMMConfig(**{**w.config.to_dict(), "update_interval": 32}))
+    runs = {x: kept(drive(NAMMScorer(namm, ranked=True), keys, queries, chunk=16, max_kv_size=20))
+            for x, namm in (("plain", plain), (0.0, with_weight(0.0)), (0.5, with_weight(0.5)))}
+    assert runs[0.0] == runs["plain"] and runs[0.5] != runs["plain"]
+    # at the threshold the BAM (whose scores it was calibrated on) says how many
+    # and the mix says which: one step over the 64 tokens, so both see the same
+    one_step = lambda x: NAMM(w.weights, w.norm_mean, w.norm_var,
+                              NAMMConfig(**{**w.config.to_dict(), "update_interval": 64, "newest_query_weight": x}))
+    at_threshold = {x: kept(drive(NAMMScorer(one_step(x)), keys, queries, chunk=16)) for x in (0.0, 1.0)}
+    assert [len(h) for h in at_threshold[1.0]] == [len(h) for h in at_threshold[0.0]] != [64, 64]
+    assert at_threshold[1.0] != at_threshold[0.0]
+    with pytest.raises(ValueError, match="newest_query_weight"):
+        NAMMConfig(newest_query_weight=1.5)
+
+
+def test_export_refuses_a_namm_that_mixes_in_the_newest_query(tmp_path):
+    from namm_mlx.convert import ConversionError, export_checkpoint
+
+    NAMM.zeros(NAMMConfig()).with_config(newest_query_weight=0.3).save(tmp_path / "mixed")
+    assert NAMM.load(tmp_path / "mixed").config.newest_query_weight == 0.3
+    with pytest.raises(ConversionError, match="newest_query_weight 0.3"):
+        export_checkpoint(tmp_path / "mixed", tmp_path / "ckpt.pt")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_with_config_changes_settings_but_never_the_weights_shapes(reference_namm):
+    changed = reference_namm.with_config(key_probe_share=0.15, newest_query_weight=0.3)
+    assert (changed.config.key_probe_share, changed.config.newest_query_weight) == (0.15, 0.3)
+    np.testing.assert_array_equal(changed.to_flat(), reference_namm.to_flat())
+    assert reference_namm.config.newest_query_weight == 0.0  # the original is left as it was
+    with pytest.raises(ValueError, match="hidden_dim: the weights were fitted for 4172 parameters"):
+        reference_namm.with_config(hidden_dim=16)
+    with pytest.raises(ValueError, match="newest_query_weight"):
+        reference_namm.with_config(newest_query_weight=2.0)

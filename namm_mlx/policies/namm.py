@@ -16,6 +16,20 @@ from ..selection import protect_newest, protect_recent, shared_keep_count
 from .base import EvictionContext, Policy, Scores
 
 
+#: Floor of the newest query's attention term, in units of uniform attention
+#: (``1/N``): tokens it ignores all score ``log(1e-3)``, not minus infinity.
+NEWEST_QUERY_EPS = 1e-3
+
+
+def mix_newest_query(scores: mx.array, attn: mx.array, weight: float) -> mx.array:
+    """``(1 - weight) * scores + weight * log(N * a + eps)`` with ``a`` the last
+    row of ``attn`` ``[B, H, n, N]``: the attention the newest query pays each
+    cached token, in units of uniform attention (0 for an average token)."""
+    newest = attn[:, :, -1, :].astype(mx.float32)
+    term = mx.log(newest * newest.shape[-1] + NEWEST_QUERY_EPS)
+    return (1.0 - weight) * scores.astype(mx.float32) + weight * term
+
+
 class NAMMScorer(Policy):
     """Scores with a NAMM; keeps K = max over heads of the tokens scoring >= 0.
 
@@ -69,17 +83,25 @@ class NAMMScorer(Policy):
         attn, carried = self._inputs(context)
         scores, state, _, _ = self.namm.score(attn, context.positions, carried, self._keys(context))
         config = self.namm.config
+        # the threshold was calibrated on the BAM's scores, so the BAM says how
+        # many tokens pass it; the newest query's attention only reorders them
+        ranking = mix_newest_query(scores, attn, config.newest_query_weight) if config.newest_query_weight else scores
         carry = [state.attn_tail, state.ema]
         if self.namm.key_probe is not None:
-            scores, mark_state = self._lift_marks(scores, context)
+            marks, limit, mark_state = self._marks_and_limit(scores, context)
+            scores = protect_marked(scores, marks, config.threshold, limit)
+            ranking = protect_marked(ranking, marks, config.threshold, limit) if config.newest_query_weight else scores
             carry += mark_state
+        ranking = protect_recent(ranking, context.positions, context.offset, config.recent_window, config.threshold)
+        if self.ranked:
+            return Scores(ranking, carry, None)
         scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
-        keep = None if self.ranked else shared_keep_count(protect_newest(scores), config.threshold)
-        return Scores(scores, carry, keep)
+        return Scores(ranking, carry, shared_keep_count(protect_newest(scores), config.threshold))
 
-    def _lift_marks(self, scores: mx.array, context: EvictionContext) -> tuple[mx.array, list[mx.array]]:
-        """Lift the key probe's surest marks above the BAM's scores, in at most
-        ``key_probe_share`` of the kept slots; and the marks' state to carry.
+    def _marks_and_limit(self, scores: mx.array, context: EvictionContext) -> tuple[mx.array, int | None, list[mx.array]]:
+        """The key probe's marks, how many of each head's surest marks are
+        lifted (at most ``key_probe_share`` of the kept slots; None: all), and
+        the marks' state to carry.
 
         At the threshold no budget says how many slots stay, so the BAM's own
         count is taken as the unmarked part: marks add at most
@@ -96,7 +118,7 @@ class NAMMScorer(Policy):
         if room is not None and room < context.keys.shape[-2]:
             limit = math.floor(config.key_probe_share * room + 1e-9)
         marks, mark_state = self._marks(context)
-        return protect_marked(scores, marks, config.threshold, limit), mark_state
+        return marks, limit, mark_state
 
     def features(self, context: EvictionContext) -> TokenFeatures:
         """The token features of this step (no scoring)."""
