@@ -35,7 +35,9 @@ def test_the_default_is_the_full_bam_namm_with_a_bam_window():
     assert default.config.bam_window == 128 and full.config.bam_window == 0
     assert np.array_equal(np.array(default.key_probe), np.array(full.key_probe))
     assert default.config.key_probe_span == full.config.key_probe_span
-    assert default.config.key_probe_share == full.config.key_probe_share
-    # the same probe, its marks pooled over each layer's heads
+    # the same probe, its marks pooled over each layer's heads, in less of the budget
     assert default.config.key_probe_heads == "max" and full.config.key_probe_heads == "own"
+    assert default.config.key_probe_share == 0.3 and full.config.key_probe_share == 0.5
+    # the newest query's attention reorders the BAM's ranking; the reference BAM alone in full-bam
+    assert default.config.newest_query_weight == 0.3 and full.config.newest_query_weight == 0.0
     assert default.metadata["method"] == "distilled" and default.metadata["evolved_generations"] == "0"
