@@ -429,17 +429,14 @@ def test_namm_newest_query_weight_mixes_in_what_the_newest_query_reads(reference
     rng = np.random.default_rng(4)
     keys = rng.normal(size=(1, H, 64, D)).astype(np.float32)
     queries = rng.normal(size=(1, H, 64, D)).astype(np.float32)
-    w = reference_namm
-    with_weight = lambda x: NAMM(w.weights, w.norm_mean, w.norm_var,
-                                 NAMMConfig(**{**w.config.to_dict(), "update_interval": 32, "newest_query_weight": x}))
-    plain = NAMM(w.weights, w.norm_mean, w.norm_var, NAMMConfig(**{**w.config.to_dict(), "update_interval": 32}))
+    plain = reference_namm.with_config(update_interval=32)
     runs = {x: kept(drive(NAMMScorer(namm, ranked=True), keys, queries, chunk=16, max_kv_size=20))
-            for x, namm in (("plain", plain), (0.0, with_weight(0.0)), (0.5, with_weight(0.5)))}
+            for x, namm in (("plain", plain), (0.0, plain.with_config(newest_query_weight=0.0)),
+                            (0.5, plain.with_config(newest_query_weight=0.5)))}
     assert runs[0.0] == runs["plain"] and runs[0.5] != runs["plain"]
     # at the threshold the BAM (whose scores it was calibrated on) says how many
     # and the mix says which: one step over the 64 tokens, so both see the same
-    one_step = lambda x: NAMM(w.weights, w.norm_mean, w.norm_var,
-                              NAMMConfig(**{**w.config.to_dict(), "update_interval": 64, "newest_query_weight": x}))
+    one_step = lambda x: reference_namm.with_config(update_interval=64, newest_query_weight=x)
     at_threshold = {x: kept(drive(NAMMScorer(one_step(x)), keys, queries, chunk=16)) for x in (0.0, 1.0)}
     assert [len(h) for h in at_threshold[1.0]] == [len(h) for h in at_threshold[0.0]] != [64, 64]
     assert at_threshold[1.0] != at_threshold[0.0]

@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 BASELINES = ["h2o", "tova", "snapkv", "streaming", "knorm", "random"]

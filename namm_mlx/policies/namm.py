@@ -83,20 +83,25 @@ class NAMMScorer(Policy):
         attn, carried = self._inputs(context)
         scores, state, _, _ = self.namm.score(attn, context.positions, carried, self._keys(context))
         config = self.namm.config
-        # the threshold was calibrated on the BAM's scores, so the BAM says how
-        # many tokens pass it; the newest query's attention only reorders them
-        ranking = mix_newest_query(scores, attn, config.newest_query_weight) if config.newest_query_weight else scores
         carry = [state.attn_tail, state.ema]
+        marks = limit = None
         if self.namm.key_probe is not None:
             marks, limit, mark_state = self._marks_and_limit(scores, context)
-            scores = protect_marked(scores, marks, config.threshold, limit)
-            ranking = protect_marked(ranking, marks, config.threshold, limit) if config.newest_query_weight else scores
             carry += mark_state
-        ranking = protect_recent(ranking, context.positions, context.offset, config.recent_window, config.threshold)
+
+        def protected(s: mx.array) -> mx.array:
+            if marks is not None:
+                s = protect_marked(s, marks, config.threshold, limit)
+            return protect_recent(s, context.positions, context.offset, config.recent_window, config.threshold)
+
+        mixed = config.newest_query_weight > 0
+        ranking = protected(mix_newest_query(scores, attn, config.newest_query_weight) if mixed else scores)
         if self.ranked:
             return Scores(ranking, carry, None)
-        scores = protect_recent(scores, context.positions, context.offset, config.recent_window, config.threshold)
-        return Scores(ranking, carry, shared_keep_count(protect_newest(scores), config.threshold))
+        # the threshold was calibrated on the BAM's scores, so the BAM says how
+        # many tokens pass it; the newest query's attention only reorders them
+        counted = protected(scores) if mixed else ranking
+        return Scores(ranking, carry, shared_keep_count(protect_newest(counted), config.threshold))
 
     def _marks_and_limit(self, scores: mx.array, context: EvictionContext) -> tuple[mx.array, int | None, list[mx.array]]:
         """The key probe's marks, how many of each head's surest marks are
