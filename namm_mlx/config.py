@@ -71,6 +71,13 @@ class NAMMConfig:
     #: text never attends to cost the cache what attention needs, so a small
     #: share keeps the facts and leaves the budget to the BAM.
     key_probe_share: float = 1.0
+    #: Under a budget, marked slots also get at least this share of the tokens
+    #: read so far, up to half of the kept slots (0: off). The probe marks a
+    #: share of the text, not of the budget, so a budget far below the document
+    #: would leave ``key_probe_share`` of it too few slots for the facts: at
+    #: 1,024 tokens of a 7,680-token document, share 0.3 is 307 slots and a
+    #: passkey digit is lost in some heads, where 512 slots keep it.
+    key_probe_document_share: float = 0.0
     #: Whose probe scores mark a token in each KV head: ``"own"`` (the head's
     #: own probe on the head's own cached key), or ``"mean"`` / ``"max"`` over
     #: the layer's KV heads, scored once when the token enters and carried with
@@ -221,6 +228,7 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "key_norm_input": (bool, lambda v: True, "true or false"),
     "key_probe_span": (int, lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (slots kept before a marked token)"),
     "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the kept slots' share for marked slots)"),
+    "key_probe_document_share": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1 (the share of the tokens read that marked slots may always take)"),
     "key_probe_heads": (str, lambda v: v in KEY_PROBE_HEADS, "'own', 'mean' or 'max' (whose probe scores mark a token)"),
     "bam_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newer tokens each BAM query sees; 0: all)"),
     "newest_query_weight": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1 (the newest query's share of a token's score)"),

@@ -318,3 +318,38 @@ def test_a_budget_share_lifts_only_the_surest_marks(model, probe):
     capped = [(lifted, marked, own) for (_, lifted, marked, slots), (_, own) in zip(unbounded.seen, unbounded.counts) if room(own) < slots]
     assert capped and all(lifted <= max(1, room(own) // 4) for lifted, _, own in capped)
     assert any(marked > max(1, room(own) // 4) for _, marked, own in capped)  # the cap bit
+
+
+def test_a_document_share_gives_the_marks_a_floor_that_grows_with_the_text(model, probe):
+    """Under a budget the marks get ``max(share x budget, min(document share x
+    tokens read, budget // 2))`` slots: the floor follows the text, not the budget."""
+    from namm_mlx.cache import EvictingKVCache
+    from namm_mlx.recording import record_full_cache, recorded_layers, replay
+
+    class Watching(NAMMScorer):
+        def score(self, context):
+            result = super().score(context)
+            plain = NAMMScorer(self.namm.without_key_probe(), ranked=True).score(context).scores
+            lifted = int(mx.max((result.scores >= mx.max(plain, axis=-1, keepdims=True) + 1.0).sum(-1)).item())
+            marked = int(mx.sum(self._marks(context)[0] >= 0, -1).min().item())
+            if context.keys.shape[2] > context.budget:
+                self.seen.append((context.offset, lifted, marked))
+            return result
+
+    tokens, _ = _document(12, 320, 80)
+    layers = recorded_layers(record_full_cache(model, tokens, 32))
+    limits = {}
+    for document_share in (0.0, 0.1, 1.0):
+        config = dataclasses.replace(CONFIG, key_probe_span=4, key_probe_share=0.25, key_probe_document_share=document_share)
+        scorer = Watching(NAMM(_namm().weights, mx.zeros(17), mx.ones(17), config, key_probe=mx.array(probe)), ranked=True)
+        scorer.seen = []
+        replay(layers, 1.0, lambda: EvictingKVCache(scorer, max_kv_size=40), step=32)
+        for offset, lifted, marked in scorer.seen:
+            floor = min(math.floor(document_share * offset + 1e-9), 20)  # half of the 40 slots at most
+            expected = max(10, floor)  # 0.25 x 40 slots
+            assert marked >= expected, "the probe must mark more than the limit for the test to bite"
+            assert lifted == expected, (document_share, offset)
+        limits[document_share] = [lifted for _, lifted, _ in scorer.seen]
+    assert set(limits[0.0]) == {10} and max(limits[0.1]) > 10 and set(limits[1.0]) == {20}
+    with pytest.raises(ValueError, match="key_probe_document_share must be a number from 0 to 1"):
+        NAMMConfig(key_probe_document_share=1.5)

@@ -105,8 +105,9 @@ class NAMMScorer(Policy):
 
     def _marks_and_limit(self, scores: mx.array, context: EvictionContext) -> tuple[mx.array, int | None, list[mx.array]]:
         """The key probe's marks, how many of each head's surest marks are
-        lifted (at most ``key_probe_share`` of the kept slots; None: all), and
-        the marks' state to carry.
+        lifted (at most ``key_probe_share`` of the kept slots, or
+        ``key_probe_document_share`` of the tokens read where that is more, up
+        to half of the slots; None: all), and the marks' state to carry.
 
         At the threshold no budget says how many slots stay, so the BAM's own
         count is taken as the unmarked part: marks add at most
@@ -122,6 +123,8 @@ class NAMMScorer(Policy):
         limit = None  # room for every slot: every mark keeps its place
         if room is not None and room < context.keys.shape[-2]:
             limit = math.floor(config.key_probe_share * room + 1e-9)
+            floor = min(math.floor(config.key_probe_document_share * context.offset + 1e-9), room // 2)
+            limit = max(limit, floor)
         marks, mark_state = self._marks(context)
         return marks, limit, mark_state
 
