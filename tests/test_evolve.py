@@ -554,14 +554,24 @@ def test_cli_export_init_from_and_errors(tmp_path):
     start = load_run(tmp_path / "from_namm")
     assert np.array_equal(start.es.mean, exported.to_flat().astype(np.float64)) and start.es.sigma == 0.065
     assert "key probe" not in res.output
-    # a probed NAMM: the run starts from its BAM and says the probe stays behind
+    # a probed NAMM with its own settings: the run evolves its BAM's weights and
+    # every NAMM it writes keeps the probe and the settings, through a resume
+    settings = dict(bam_window=128, newest_query_weight=0.3, key_probe_span=12, key_probe_share=0.3, key_probe_heads="max")
+    probe = np.random.default_rng(0).normal(size=(2, 1, 33)).astype(np.float32)
     probed = NAMM(exported.weights, exported.norm_mean, exported.norm_var, exported.config,
-                  key_probe=np.zeros((2, 1, 33), np.float32))
+                  key_probe=probe).with_config(**settings)
     probed.save(tmp_path / "probed")
-    res = cli("--out", tmp_path / "from_probed", "-g", 0, *SMOKE, "--init-from", tmp_path / "probed")
+    res = cli("--out", tmp_path / "from_probed", "-g", 1, *SMOKE, "--init-from", tmp_path / "probed")
     assert res.exit_code == 0, res.output
-    assert "key probe is not evolved" in res.output and "namm probe --namm" in res.output
-    assert np.array_equal(load_run(tmp_path / "from_probed").es.mean, exported.to_flat().astype(np.float64))
+    assert "key probe and settings are kept" in res.output
+    res = cli("--out", tmp_path / "from_probed", "-g", 2, "--resume", "-q")
+    assert res.exit_code == 0, res.output
+    res = cli("--out", tmp_path / "from_probed", "--export", tmp_path / "probed_export")
+    assert res.exit_code == 0, res.output
+    for folder in (tmp_path / "from_probed" / "namm", tmp_path / "probed_export"):
+        evolved = NAMM.load(folder)
+        assert evolved.config == probed.config and np.array_equal(np.array(evolved.key_probe), probe)
+        assert evolved.metadata["generation"] == "2" and not np.array_equal(evolved.to_flat(), probed.to_flat())
     # --init-from a reference checkpoint: its mean and stored buffers, fresh CMA-ES state
     from namm_mlx.checkpoint import read_reference_checkpoint
 

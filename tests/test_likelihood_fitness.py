@@ -40,6 +40,29 @@ def test_zero_namm_matches_full_cache_and_penalty_applies(fitness):
     assert first["fitness"] == pytest.approx(first["quality"] - fitness.memory_penalty * first["kept_fraction"])
 
 
+@pytest.mark.real_model
+def test_an_adopted_namm_scores_members_with_its_settings_and_probe(fitness):
+    """A run started from a NAMM folder scores every member as that NAMM with the
+    member's weights: the shipped default's BAM window, newest-query mix and key
+    probe stay on (its probe needs each cache's layer index to run at all)."""
+    from namm_mlx.namm import NAMM
+
+    shipped = NAMM.load(Path(__file__).parent.parent / "weights" / "default")
+    saved = fitness.norm, fitness.config, fitness.key_probe
+    try:
+        fitness.adopt((np.asarray(shipped.norm_mean), np.asarray(shipped.norm_var)), shipped.config,
+                      np.asarray(shipped.key_probe))
+        member = fitness.namm_for(shipped.to_flat())
+        assert member.config == shipped.config and member.config.bam_window == 128
+        assert np.array_equal(np.array(member.key_probe), np.array(shipped.key_probe))
+        assert np.array_equal(member.to_flat(), shipped.to_flat())
+        assert np.array_equal(np.array(member.norm_mean), np.array(shipped.norm_mean))
+        result = fitness.evaluate(shipped.to_flat(), fitness.items_for(1))
+        assert 0.0 < result["kept_fraction"] < 1.0 and np.isfinite(result["quality"])
+    finally:
+        fitness.norm, fitness.config, fitness.key_probe = saved
+
+
 def test_bad_options_are_one_line():
     with pytest.raises(FitnessError, match="unknown option"):
         make_fitness("likelihood", 4172, options={"bogus": "1"})

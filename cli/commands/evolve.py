@@ -126,7 +126,7 @@ class _StageFitness:
     def __init__(self, objective: str, model: Optional[str], options: dict[str, str]) -> None:
         self.objective, self.model, self.options = objective, model, options
         self.fn = None
-        self.norm = None
+        self.template = None
 
     def build(self):
         if self.fn is None:
@@ -134,8 +134,8 @@ class _StageFitness:
                 other.fn = None
             _StageFitness.live[:] = [self]
             self.fn = ev.make_fitness(self.objective, NAMMConfig().param_size, model=self.model, options=self.options)
-            if self.norm is not None:
-                self.fn.norm = self.norm
+            if self.template is not None:
+                self.fn.adopt(*self.template)
         return self.fn
 
     def __call__(self, members, member_ids, *, context=None):
@@ -175,9 +175,9 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
     has_run = stored is not None
     if init_from is not None and not has_run:
         init = ev.load_init(init_from, config)  # a bad NAMM fails before any model loads
-        if init.dropped and collective.is_root:
-            typer.echo(f"note: {init_from}'s {', '.join(init.dropped)} is not evolved and the run's NAMMs will not "
-                       "have it; add it back with namm probe --namm", err=True)
+        if init.key_probe is not None and collective.is_root:
+            typer.echo(f"note: {init_from}'s key probe and settings are kept as they are; only its BAM's weights "
+                       "are evolved", err=True)
     stored = stored or {}
     options = _options(fitness_arg)
     if fitness is None:
@@ -201,15 +201,15 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         metadata["stages"] = json.dumps(stages)
         stage_fns = [_StageFitness(fitness, model, {**options, **overrides}) for _, _, overrides in stages]
         first = stage_fns[0].build()
-        norm = _shared_normalisation(first, out, init_from, has_run, collective)
-        shared_norm = getattr(first, "norm", None)
+        norm = _share_template(first, out, init_from, has_run)
+        template = _template_of(first)
         del first  # a later stage's build drops stage 1's model; no local reference may keep it
         for fn in stage_fns:
-            fn.norm = shared_norm
+            fn.template = template
         plan = [ev.Stage(name, gens, fn) for (name, gens, _), fn in zip(stages, stage_fns)]
     else:
         fitness_fn = ev.make_fitness(fitness, config.param_size, model=model, options=options)
-        norm = _shared_normalisation(fitness_fn, out, init_from, has_run, collective)
+        norm = _share_template(fitness_fn, out, init_from, has_run)
         if generations is None and not has_run:
             generations = 100
         plan = [ev.Stage(fitness, generations, fitness_fn)]
@@ -239,22 +239,31 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         )
 
 
-def _shared_normalisation(fitness_fn, out: Path, init_from: Optional[Path], has_run: bool, collective):
-    """Make a model-based fitness score members with the normalisation buffers the
-    exported NAMMs carry: the resumed run's, the --init-from NAMM's, or (fresh run)
-    its own calibration, which is then handed to the trainer. None for others."""
+def _share_template(fitness_fn, out: Path, init_from: Optional[Path], has_run: bool):
+    """Make a model-based fitness score members as the exported NAMMs are: with
+    the resumed run's or the --init-from NAMM's normalisation buffers, settings
+    and key probe, or (fresh run) the reference settings and the fitness's own
+    calibration, which is then handed to the trainer. None for others."""
     if not hasattr(fitness_fn, "calibrate"):
         return None
     if has_run:
         state = ev.load_run(out)
-        fitness_fn.norm = (state.norm_mean, state.norm_var, None)
+        fitness_fn.adopt((state.norm_mean, state.norm_var), state.namm_config(), state.key_probe)
         return None
     if init_from is not None:
         init = ev.load_init(init_from)
-        fitness_fn.norm = (init.norm_mean, init.norm_var, None)
+        fitness_fn.adopt((init.norm_mean, init.norm_var), init.config or NAMMConfig(), init.key_probe)
         return None
     mean, var, _ = fitness_fn.calibrate()  # deterministic: every rank gets the same
     return mean, var
+
+
+def _template_of(fitness_fn):
+    """What :func:`_share_template` gave a stage's fitness, for the later stages."""
+    if not hasattr(fitness_fn, "adopt"):
+        return None
+    mean, var, _ = fitness_fn.norm
+    return (mean, var), fitness_fn.config, fitness_fn.key_probe
 
 
 def _json(options: dict[str, str]) -> str:

@@ -79,6 +79,7 @@ class HarnessFitness:
         self.budget: float | None = options.get("budget")
         self.config = NAMMConfig()
         self.norm: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.key_probe: np.ndarray | None = None
 
     def run_item(self, item: Mapping[str, Any]) -> Any:
         """Run one item through the model as currently attached (calibration uses it)."""
@@ -116,11 +117,18 @@ class HarnessFitness:
         return NAMMScorer(self.namm_for(vector), ranked=self.budget is not None)
 
     def namm_for(self, vector: np.ndarray) -> NAMM:
-        """The member's NAMM, with the calibrated statistics (calibrating first if needed)."""
+        """The member's NAMM: its weights, with the run's statistics (calibrating
+        first if it has none), settings and key probe."""
         if self.norm is None:
             self.calibrate()
         mean, var, count = self.norm
-        return NAMM.from_flat(vector, mean, var, self.config, count)
+        return NAMM.from_flat(vector, mean, var, self.config, count, key_probe=self.key_probe)
+
+    def adopt(self, norm: tuple[np.ndarray, np.ndarray], config: NAMMConfig, key_probe: np.ndarray | None) -> None:
+        """Score members as the run's NAMMs are exported: with its normalisation
+        buffers, settings and key probe."""
+        self.norm = (norm[0], norm[1], None)
+        self.config, self.key_probe = config, key_probe
 
     def items_for(self, generation: int) -> list[dict]:
         """The items of a generation: the same for every member (and every rank)."""

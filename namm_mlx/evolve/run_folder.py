@@ -4,7 +4,8 @@ Run folder (written by rank 0 only)::
 
     out_dir/state.npz    the authoritative checkpoint: CMA-ES arrays + one embedded JSON
                          document (run configuration, generation, CMA-ES scalars, RNG
-                         state), written to a temp file and ``os.replace``d, so it is
+                         state, the NAMM's settings), the normalisation buffers and
+                         the key probe of the NAMM the run started from, written to a temp file and ``os.replace``d, so it is
                          always one complete, self-consistent generation
     out_dir/state.json   a readable copy of that JSON (informational; never read back)
     out_dir/log.jsonl    one line per completed generation: best/mean/worst fitness, sigma,
@@ -66,6 +67,18 @@ class RunState:
     run: dict[str, Any]  # the embedded JSON document (configuration, generation, ...)
     norm_mean: np.ndarray
     norm_var: np.ndarray
+    #: the starting NAMM's key probe, which every member keeps (CMA-ES searches
+    #: the BAM's weights only)
+    key_probe: np.ndarray | None = None
+
+    def namm_config(self, fallback: NAMMConfig | None = None) -> NAMMConfig:
+        """The settings every member and exported NAMM has: the starting NAMM's
+        (its BAM window, newest-query weight, probe span and share), or
+        ``fallback`` for a run that recorded none."""
+        stored = self.run.get("namm_config")
+        if stored is None:
+            return fallback or NAMMConfig()
+        return NAMMConfig.from_dict(stored)
 
     @property
     def generation(self) -> int:
@@ -159,7 +172,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, config: N
     from ..convert import check_output_dir
 
     state = load_run(run_dir)
-    config = config or NAMMConfig()
+    config = state.namm_config(config)
     if state.es.n != config.param_size:
         raise EvolveError(
             f"the run in {run_dir} evolves {state.es.n:,} parameters, not a {config.param_size:,}-parameter NAMM"
@@ -177,6 +190,8 @@ def _state_arrays(state: RunState) -> dict[str, np.ndarray]:
     doc = {**state.run, "generation": state.es.generation, "cma": scalars}
     arrays["norm.mean"] = np.asarray(state.norm_mean, dtype=np.float64)
     arrays["norm.var"] = np.asarray(state.norm_var, dtype=np.float64)
+    if state.key_probe is not None:
+        arrays["namm.key_probe"] = np.asarray(state.key_probe, dtype=np.float32)
     arrays["run_json"] = np.frombuffer(json.dumps(doc, allow_nan=False).encode(), dtype=np.uint8)
     return arrays
 
@@ -198,6 +213,9 @@ def _unpack(npz: Any, where: str) -> RunState:
                 cma[key[4:]] = npz[key]
         es = CMAES.from_state_dict(cma)
         norm_mean, norm_var = np.asarray(npz["norm.mean"]), np.asarray(npz["norm.var"])
+        key_probe = np.asarray(npz["namm.key_probe"]) if "namm.key_probe" in npz.files else None
+        if "namm_config" in doc:
+            NAMMConfig.from_dict(doc["namm_config"])
     except KeyError as err:
         raise EvolveError(f"{where} lacks {err.args[0]!r}; it is not a complete evolution checkpoint") from None
     except CMAESError as err:
@@ -208,7 +226,7 @@ def _unpack(npz: Any, where: str) -> RunState:
         raise EvolveError(f"{where} is damaged ({describe(err)})") from None
     if doc.get("generation") != es.generation:
         raise EvolveError(f"{where} is inconsistent: generation {doc.get('generation')} vs CMA-ES {es.generation}")
-    return RunState(es, doc, norm_mean.astype(np.float64), norm_var.astype(np.float64))
+    return RunState(es, doc, norm_mean.astype(np.float64), norm_var.astype(np.float64), key_probe)
 
 
 def _write_checkpoint(out: Path, state: RunState) -> None:
@@ -296,7 +314,8 @@ def _save_namm(target: Path, state: RunState, record: Mapping[str, Any] | None, 
         meta["stage"] = str(record["stage"])
         meta["fitness"] = repr(record["mean"])  # population mean fitness of that generation
         meta["best_fitness"] = repr(record["best"])
-    namm = NAMM.from_flat(es.mean, state.norm_mean, state.norm_var, config, metadata=meta)
+    namm = NAMM.from_flat(es.mean, state.norm_mean, state.norm_var, state.namm_config(config), metadata=meta,
+                          key_probe=state.key_probe)
     namm.save(target)
     return namm
 

@@ -79,15 +79,20 @@ __all__ = [
 
 @dataclass
 class InitSource:
-    """A starting point: a flat vector and the normalisation buffers that belong to it."""
+    """A starting point: a flat vector and the normalisation buffers that belong to it.
+
+    From a NAMM folder it also holds the NAMM's settings and key probe. CMA-ES
+    searches the weights only; the members keep the rest, since the weights were
+    fitted to work with it (a BAM fitted with a 128-token window scores
+    differently without one).
+    """
 
     vector: np.ndarray
     norm_mean: np.ndarray
     norm_var: np.ndarray
     provenance: dict[str, str]
-    #: parts of the source NAMM a run cannot carry (CMA-ES searches the
-    #: reference vector only), so the caller can say they are left behind
-    dropped: tuple[str, ...] = ()
+    config: NAMMConfig | None = None  # None: the reference's (a checkpoint or flat vector)
+    key_probe: np.ndarray | None = None
 
 
 @dataclass
@@ -226,7 +231,8 @@ def load_init(path: str | os.PathLike, config: NAMMConfig | None = None) -> Init
             np.asarray(namm.norm_mean, dtype=np.float64),
             np.asarray(namm.norm_var, dtype=np.float64),
             provenance,
-            ("key probe",) if namm.key_probe is not None else (),
+            namm.config,
+            None if namm.key_probe is None else np.asarray(namm.key_probe, dtype=np.float32),
         )
     flat = read_source(source, "mean", None, config)
     provenance = {"init_from": source.name}
@@ -293,10 +299,12 @@ def _prepare(
     if any(s.generations is None for s in plan):
         raise EvolveError(f"no checkpoint in {out} to take the number of generations from; pass it to start the run")
     metadata = dict(request["metadata"])
+    key_probe = None
     if init_from is not None:
         init = load_init(init_from, config)
         init_vector, norm = init.vector, (init.norm_mean, init.norm_var)
         metadata.update(init.provenance)
+        config, key_probe = init.config or config, init.key_probe
     n = request["n"]
     mean = None
     if init_vector is not None:
@@ -343,10 +351,11 @@ def _prepare(
         "eig_every": es.eig_every,
         "export_namm": bool(export),
         "metadata": metadata,
+        "namm_config": config.to_dict(),
         "seconds": 0.0,
         "last": None,
     }
-    state = RunState(es, run, norm_mean, norm_var)
+    state = RunState(es, run, norm_mean, norm_var, key_probe)
     out.mkdir(parents=True, exist_ok=True)
     (out / LOG_FILE).unlink(missing_ok=True)
     _write_checkpoint(out, state)
