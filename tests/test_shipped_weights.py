@@ -40,4 +40,6 @@ def test_the_default_is_the_full_bam_namm_with_a_bam_window():
     assert default.config.key_probe_share == 0.3 and full.config.key_probe_share == 0.5
     # the newest query's attention reorders the BAM's ranking; the reference BAM alone in full-bam
     assert default.config.newest_query_weight == 0.3 and full.config.newest_query_weight == 0.0
+    # the marks' floor in the text read is the share at a quarter of it, so only smaller budgets feel it
+    assert default.config.key_probe_document_share == 0.3 * 0.25 and full.config.key_probe_document_share == 0.0
     assert default.metadata["method"] == "distilled" and default.metadata["evolved_generations"] == "0"
