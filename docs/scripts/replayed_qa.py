@@ -284,6 +284,8 @@ def main() -> None:
     if args.summary:
         return summary(args.out, [p.split("@")[0] for p in args.policies.split(",") if p] if args.policies != BASELINES else None,
                        args.plot, args.shipped)
+    if any(p.split("@")[0] == "full" for p in args.policies.split(",")):
+        parser.error("the full cache runs on every item by itself; leave 'full' out of --policies")
     args.out = args.out[0]
 
     from namm_mlx.cache import EvictingKVCache
