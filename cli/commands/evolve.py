@@ -173,6 +173,7 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
     if error is not None:
         raise error
     has_run = stored is not None
+    init = None
     if init_from is not None and not has_run:
         init = ev.load_init(init_from, config)  # a bad NAMM fails before any model loads
         if init.key_probe is not None and collective.is_root:
@@ -201,7 +202,7 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         metadata["stages"] = json.dumps(stages)
         stage_fns = [_StageFitness(fitness, model, {**options, **overrides}) for _, _, overrides in stages]
         first = stage_fns[0].build()
-        norm = _share_template(first, out, init_from, has_run)
+        norm = _share_template(first, out, init, has_run)
         template = _template_of(first)
         del first  # a later stage's build drops stage 1's model; no local reference may keep it
         for fn in stage_fns:
@@ -209,7 +210,7 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         plan = [ev.Stage(name, gens, fn) for (name, gens, _), fn in zip(stages, stage_fns)]
     else:
         fitness_fn = ev.make_fitness(fitness, config.param_size, model=model, options=options)
-        norm = _share_template(fitness_fn, out, init_from, has_run)
+        norm = _share_template(fitness_fn, out, init, has_run)
         if generations is None and not has_run:
             generations = 100
         plan = [ev.Stage(fitness, generations, fitness_fn)]
@@ -239,7 +240,7 @@ def _run(out, generations, pop_size, seed, separable, sigma, eig_every, init_fro
         )
 
 
-def _share_template(fitness_fn, out: Path, init_from: Optional[Path], has_run: bool):
+def _share_template(fitness_fn, out: Path, init: Optional[ev.InitSource], has_run: bool):
     """Make a model-based fitness score members as the exported NAMMs are: with
     the resumed run's or the --init-from NAMM's normalisation buffers, settings
     and key probe, or (fresh run) the reference settings and the fitness's own
@@ -250,8 +251,7 @@ def _share_template(fitness_fn, out: Path, init_from: Optional[Path], has_run: b
         state = ev.load_run(out)
         fitness_fn.adopt((state.norm_mean, state.norm_var), state.namm_config(), state.key_probe)
         return None
-    if init_from is not None:
-        init = ev.load_init(init_from)
+    if init is not None:
         fitness_fn.adopt((init.norm_mean, init.norm_var), init.config or NAMMConfig(), init.key_probe)
         return None
     mean, var, _ = fitness_fn.calibrate()  # deterministic: every rank gets the same
