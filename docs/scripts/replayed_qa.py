@@ -228,6 +228,8 @@ def gap(paths: list[Path], pair: list[str], band: int = 3) -> None:
     budget, on the items both were run on with per-layer recall, the mean
     recall by band of ``band`` layers and by step (the document's 512-token
     steps, then the final one), and the difference."""
+    from namm_mlx.eval.bootstrap import bootstrap_interval
+
     rows = [r for r in read_rows(paths) if r["policy"] in pair and r.get("recall_step_layer")]
     groups, offsets = defaultdict(dict), {}
     for r in rows:
@@ -239,6 +241,12 @@ def gap(paths: list[Path], pair: list[str], band: int = 3) -> None:
         if not both:
             continue
         print(f"\n{length} tokens, budget {budget}: {len(both)} items ({', '.join(sorted(both))})")
+        # the recall column of --summary, per item and paired, so the sign of a small difference has an interval
+        means = {p: np.array([both[i][p].mean() for i in sorted(both)]) for p in pair}
+        diff = means[b] - means[a]
+        low, high = bootstrap_interval([diff])
+        print(f"recall {a} {means[a].mean():.4f}, {b} {means[b].mean():.4f}; {b} - {a} {diff.mean():+.4f} "
+              f"(95% interval {low:+.4f} to {high:+.4f}; {b} ahead on {int((diff > 0).sum())} of {len(diff)} items)\n")
         by_layer = {p: np.mean([v[p].mean(axis=0) for v in both.values()], axis=0) for p in pair}
         print(f"| layers | {a} | {b} | {b} - {a} |\n|---|---|---|---|")
         for l0 in range(0, len(by_layer[a]), band):
