@@ -59,13 +59,19 @@ def main() -> None:
     from namm_mlx.namm import NAMM
     from namm_mlx.policies import make_scorer
 
-    task, length, index = args.item.split("-")[0], int(args.item.split("-")[1]), int(args.item.split("-")[2])
+    parsed = re.fullmatch(r"([a-z_]+)-(\d+)-(\d+)-s0", args.item)
+    if not parsed:
+        parser.error(f"--item {args.item!r}: give an id as replayed_qa.py prints it, e.g. passkey-7680-000-s0")
+    recording = args.recordings / f"{args.item}.npz"
+    if not recording.exists():
+        parser.error(f"no recording {recording}: run replayed_qa.py --recordings {args.recordings} on the item first")
+    task, length = parsed.group(1), int(parsed.group(2))
     model, tok = load_model(None, dtype="float32")
     items = [it for it in make_items([task], [length], args.limit, 0, TextSource.from_cache(), tok) if it["_id"] == args.item]
     if not items:
         parser.error(f"no item {args.item!r} among seed 0's {task} items of {length} tokens")
     document = split_prompt(tok, items[0]).document
-    layers, scale, future = load_recording(args.recordings / f"{args.item}.npz")
+    layers, scale, future = load_recording(recording)
     install_hook()
     namm = NAMM.load(args.namm)
     scorers = {"namm": make_scorer("namm", namm=namm, ranked=True), args.against: make_scorer(args.against, interval=512)}

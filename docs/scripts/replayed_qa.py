@@ -227,7 +227,8 @@ def gap(paths: list[Path], pair: list[str], band: int = 3) -> None:
     """Where ``pair[1]`` keeps attention that ``pair[0]`` loses: per length and
     budget, on the items both were run on with per-layer recall, the mean
     recall by band of ``band`` layers and by step (the document's 512-token
-    steps, then the final one), and the difference."""
+    steps, then the final one), and the difference; first the per-item
+    difference of the two recalls with its bootstrap interval."""
     from namm_mlx.eval.bootstrap import bootstrap_interval
 
     rows = [r for r in read_rows(paths) if r["policy"] in pair and r.get("recall_step_layer")]
@@ -266,7 +267,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--plot", type=Path, help="with --summary: draw score vs kept share to PNG (one file per length)")
     parser.add_argument("--shipped", help="with --plot: the policy drawn as the highlighted NAMM")
-    parser.add_argument("--gap", help="with --summary: A,B prints where B's recall beats A's, by layers and by step")
+    parser.add_argument("--gap", help="with --summary: A,B prints B's recall minus A's (paired over items, with a 95%% interval), by layers and by step")
     parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
     parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens, NAME+kS keeps --probe's marked tokens (and S tokens before each; +k: none) first")
     parser.add_argument("--probe", help="a NAMM folder whose key probe NAME+k policies use")
