@@ -9,9 +9,10 @@ by the attention all later queries (the rest of the document, the question and
 the answer, on the full cache) put on them, as a share of all that attention.
 The tokens are grouped by kind (digits, words, punctuation, white space), and
 the first policy's own tokens by whether the key probe marks them (score
-``>= 0`` pooled over the layer's heads, spread over the ``key_probe_span``
-tokens before each mark, on the full cache's keys: the marks the NAMM ranks
-first, up to the evictions that change which neighbour a slot has).
+``>= 0``, pooled over the layer's heads as the NAMM's ``key_probe_heads``
+says, spread over the ``key_probe_span`` tokens before each mark, on the full
+cache's keys: the marks the NAMM ranks first, up to the evictions that change
+which neighbour a slot has).
 
     python docs/scripts/displaced_tokens.py OUT.json --item passkey-7680-000-s0 --recordings REC8K \
         [--namm weights/default] [--against tova] [--budget 1024] [--from 4608] [--limit 4]
@@ -53,6 +54,7 @@ def main() -> None:
     from namm_mlx.eval.query_agnostic import replay_kept_sets, split_prompt
     from namm_mlx.eval.recall import load_recording
     from namm_mlx.eval.tasks import TextSource, make_items
+    from namm_mlx.files import atomic_write
     from namm_mlx.hook import install_hook
     from namm_mlx.key_probe import probe_scores, spread_marks
     from namm_mlx.models import load_model
@@ -80,7 +82,12 @@ def main() -> None:
         trace, _ = replay_kept_sets(layers, scale, lambda: EvictingKVCache(scorer, max_kv_size=args.budget), len(document))
         kept[name] = {s.offset: s.kept for s in trace}
     kinds = np.array([kind(tok.decode([t])) for t in document])
-    span = namm.config.key_probe_span
+    span, heads = namm.config.key_probe_span, namm.config.key_probe_heads
+    probed = []  # per layer, its tokens' probe scores [1, H or 1, T]: a token's score depends on its key alone
+    for layer, (keys, _, _) in enumerate(layers if namm.key_probe is not None else []):
+        scores = probe_scores(keys, namm.key_probe[layer])
+        probed.append(scores if heads == "own" else scores.mean(axis=1, keepdims=True) if heads == "mean"
+                      else scores.max(axis=1, keepdims=True))
     edges, report = future.edges, {}
     for offset in sorted(set(kept["namm"]) & set(kept[args.against])):
         if offset < args.start or offset not in edges:
@@ -88,19 +95,17 @@ def main() -> None:
         block = edges.index(offset)
         total, entry = 0.0, {"namm_only": {}, f"{args.against}_only": {}}
         marked = 0
-        for layer, (keys, _, _) in enumerate(layers):
+        for layer in range(len(layers)):
             later = future.block_sums[layer][:, block:, :offset].sum(axis=1)  # [H, offset]
-            marks = None
-            if namm.key_probe is not None:
-                pooled = probe_scores(keys[:, :, :offset, :], namm.key_probe[layer]).max(axis=1, keepdims=True)
-                marks = np.asarray(spread_marks(pooled, span))[0, 0]
+            # spread within the text read, so a mark past the step cannot reach back
+            marks = np.asarray(spread_marks(probed[layer][..., :offset], span))[0] if probed else None
             for head in range(later.shape[0]):
                 total += float(later[head].sum())
                 mine, theirs = set(kept["namm"][offset][layer][head].tolist()), set(kept[args.against][offset][layer][head].tolist())
                 for key, only in (("namm_only", mine - theirs), (f"{args.against}_only", theirs - mine)):
                     only = np.array(sorted(only), dtype=int)
                     if key == "namm_only" and marks is not None:
-                        marked += int((marks[only] >= 0).sum())
+                        marked += int((marks[min(head, len(marks) - 1), only] >= 0).sum())
                     for k in set(kinds[only].tolist()):
                         tokens = only[kinds[only] == k]
                         count, weight = entry[key].get(k, (0, 0.0))
@@ -115,8 +120,8 @@ def main() -> None:
         row["namm_only"]["marked_pairs"] = marked
         report[offset] = row
         print(json.dumps(row), flush=True)
-    args.out.write_text(json.dumps({"item": args.item, "budget": args.budget, "namm": args.namm, "against": args.against,
-                                    "layer_heads": sum(k.shape[1] for k, _, _ in layers), "steps": list(report.values())}, indent=1))
+    atomic_write(args.out, json.dumps({"item": args.item, "budget": args.budget, "namm": args.namm, "against": args.against,
+                                       "layer_heads": sum(k.shape[1] for k, _, _ in layers), "steps": list(report.values())}, indent=1))
 
 
 if __name__ == "__main__":
