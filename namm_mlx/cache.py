@@ -453,7 +453,7 @@ class EvictingKVCache(_BaseCache):
         n_state = meta["num_scorer_state"]
         self.scorer_state = list(value[4 : 4 + n_state])
         arrays = dict(zip(meta["scorer_arrays"], value[4 + n_state : -1]))
-        self.scorer = scorer_from_spec(meta["scorer"], arrays)
+        self.scorer = _restored_scorer(meta["scorer"], arrays)
         self.meta_state = value[-1]
 
     @classmethod
@@ -466,6 +466,34 @@ class EvictingKVCache(_BaseCache):
         obj = cls.__new__(cls)
         obj.state = state
         return obj
+
+
+#: The scorer the last restored cache was given, with its spec and arrays.
+_last_restored: tuple[str, dict[str, mx.array], Scorer] | None = None
+
+
+def _restored_scorer(spec: dict[str, Any], arrays: dict[str, mx.array]) -> Scorer:
+    """The scorer for a cache being restored: the previous restored cache's
+    when the spec and arrays are the same, else a new one.
+
+    The caches a model makes share one scorer, and a scorer may rely on that
+    (a NAMM whose marks pool over layers reads what the layers below took in
+    this forward), so caches loaded one after another from a prompt-cache file
+    share one again instead of one each.
+    """
+    global _last_restored
+    key = json.dumps(spec, sort_keys=True)
+    if _last_restored is not None:
+        last_key, last_arrays, scorer = _last_restored
+        if (
+            last_key == key
+            and last_arrays.keys() == arrays.keys()
+            and all(last_arrays[k].shape == arrays[k].shape and mx.array_equal(last_arrays[k], arrays[k]).item() for k in arrays)
+        ):
+            return scorer
+    scorer = scorer_from_spec(spec, arrays)
+    _last_restored = (key, arrays, scorer)
+    return scorer
 
 
 def evict_now(caches: list[Any], force: bool = False) -> int:

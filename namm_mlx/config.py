@@ -85,6 +85,15 @@ class NAMMConfig:
     #: probe misses a digit another head's finds, and a number with one digit
     #: missing in one head is a different number to that head.
     key_probe_heads: str = "own"
+    #: Which layers' probes mark a token in a layer: ``"own"`` (the layer's
+    #: own), or ``"mean"``: the mean of the pooled scores of this layer and
+    #: every layer below it, the ones whose keys of a new token exist when this
+    #: layer's step runs (layers step in order within a forward). Each layer's
+    #: probe is a weak, noisy marker; a fact is marked by most of them, a word
+    #: that one probe happens to like is not, so the mean marks a few tokens in
+    #: a hundred instead of two in a hundred per layer, and ranks the facts
+    #: among its first.
+    key_probe_layers: str = "own"
     #: Each token's BAM attention sees only the ``bam_window`` tokens from it
     #: on (0: every newer token, as in the reference). The reference BAM costs
     #: ``N^2 / 2`` logits per head at every step, more than the forward pass it
@@ -111,6 +120,11 @@ class NAMMConfig:
         if self.update_interval % self.hop:
             raise ValueError(
                 f"update_interval must be a multiple of the hop ({self.hop}), got {self.update_interval}"
+            )
+        if self.key_probe_layers != "own" and self.key_probe_heads == "own":
+            raise ValueError(
+                "key_probe_layers 'mean' needs key_probe_heads 'mean' or 'max': a token's "
+                "mark is carried from the step it enters at, when every layer below has scored it"
             )
         if self.hidden_dim % self.num_heads:
             raise ValueError(
@@ -208,6 +222,9 @@ def _show(value: Any) -> str:
 #: The values of ``NAMMConfig.key_probe_heads``.
 KEY_PROBE_HEADS = ("own", "mean", "max")
 
+#: The values of ``NAMMConfig.key_probe_layers``.
+KEY_PROBE_LAYERS = ("own", "mean")
+
 #: Type, range check and wording of every setting (the ranges keep the
 #: pipeline's arithmetic meaningful: a zero interval never steps, a negative
 #: epsilon divides by zero, an EMA coefficient past 1 grows without bound).
@@ -230,6 +247,7 @@ _SCHEMA: dict[str, tuple[type, Any, str]] = {
     "key_probe_share": (float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (the kept slots' share for marked slots)"),
     "key_probe_document_share": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1 (the share of the tokens read that marked slots may always take)"),
     "key_probe_heads": (str, lambda v: v in KEY_PROBE_HEADS, "'own', 'mean' or 'max' (whose probe scores mark a token)"),
+    "key_probe_layers": (str, lambda v: v in KEY_PROBE_LAYERS, "'own' or 'mean' (which layers' probes mark a token)"),
     "bam_window": (int, lambda v: 0 <= v <= 1 << 20, "a non-negative integer up to 1048576 (newer tokens each BAM query sees; 0: all)"),
     "newest_query_weight": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1 (the newest query's share of a token's score)"),
 }

@@ -153,10 +153,11 @@ def test_a_probed_namm_needs_the_layer_and_the_model_it_was_fitted_for(probe):
         scorer.score(EvictionContext(**{**context, "keys": mx.zeros((1, 2, 32, 8))}, layer=0))
 
 
-@pytest.mark.parametrize("heads", ["own", "mean"])
-def test_the_probe_survives_save_load_and_the_prompt_cache(tmp_path, model, probe, heads):
+@pytest.mark.parametrize("heads, layers", [("own", "own"), ("mean", "own"), ("max", "mean")])
+def test_the_probe_survives_save_load_and_the_prompt_cache(tmp_path, model, probe, heads, layers):
     namm = _namm(mx.array(probe))
-    namm = NAMM(namm.weights, namm.norm_mean, namm.norm_var, dataclasses.replace(CONFIG, key_probe_heads=heads), key_probe=namm.key_probe)
+    config = dataclasses.replace(CONFIG, key_probe_heads=heads, key_probe_layers=layers)
+    namm = NAMM(namm.weights, namm.norm_mean, namm.norm_var, config, key_probe=namm.key_probe)
     folder = namm.save(tmp_path / "probed")
     loaded = NAMM.load(folder)
     np.testing.assert_array_equal(np.array(loaded.key_probe), probe)
@@ -173,7 +174,8 @@ def test_the_probe_survives_save_load_and_the_prompt_cache(tmp_path, model, prob
         assert [c.layer for c in restored] == [0, 1, 2]
         np.testing.assert_array_equal(np.array(restored[1].scorer.namm.key_probe), probe)
         assert restored[1].scorer.namm.config.key_probe_heads == heads
-        assert len(restored[1].scorer_state) == (3 if heads == "mean" else 2)  # pooled marks travel with their slots
+        assert len(restored[1].scorer_state) == (2 if heads == "own" else 3)  # pooled marks travel with their slots
+        assert restored[1].scorer is restored[2].scorer  # one scorer for the restored layers, as for the live ones
 
         def continuation(c):
             follow_up = mx.array(np.random.default_rng(7).integers(0, VOCAB, 30), dtype=mx.int32)
@@ -208,6 +210,32 @@ def test_pooled_marks_keep_a_token_in_every_head_of_its_layer(model, probe, pool
     own_namm = NAMM(namm.weights, namm.norm_mean, namm.norm_var, CONFIG, key_probe=namm.key_probe)
     _, own_kept = _kept_after(model, own_namm, tokens, budget=48, chunk=32)
     assert any(marked - set(head.tolist()) for head in own_kept[0])  # each head on its own drops some
+
+
+def test_layer_pooled_marks_are_the_mean_over_this_layer_and_the_ones_below(model, probe):
+    tokens, _ = _document(14, 64, 6)
+    features = document_features(model, tokens[:32], step=32)  # the first step's keys: nothing evicted yet
+    own = (np.einsum("lhtp,lhp->lht", features, probe[:, :, :-1]) + probe[:, :, None, -1]).max(1)  # [L, T]
+    config = dataclasses.replace(CONFIG, key_probe_heads="max", key_probe_layers="mean")
+    namm = NAMM(_namm().weights, mx.zeros(17), mx.ones(17), config, key_probe=mx.array(probe))
+    cache, _ = _kept_after(model, namm, tokens, budget=24, chunk=32)  # two forwards, two steps per layer
+    for layer, c in enumerate(cache):
+        carried = np.array(c.scorer_state[2])[0, 0]  # the pooled marks of the kept slots, every head alike
+        first = np.array(c.kept_positions[0, 0]) < 32
+        expected = own[: layer + 1].mean(0)[np.array(c.kept_positions[0, 0])[first]]
+        np.testing.assert_allclose(carried[first], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(own[0], own[:3].mean(0))  # the layers' probes disagree, so the mean changes marks
+    # a layer stepping alone (no layer below in this forward) keeps its own marks
+    alone = NAMMScorer(namm, ranked=True)
+    keys = mx.array(np.random.default_rng(2).normal(size=(1, 2, 32, 16)).astype(np.float32))
+    context = dict(keys=keys, positions=mx.broadcast_to(mx.arange(32)[None, None], (1, 2, 32)), n_new=32, offset=32,
+                   state=[], probabilities=mx.softmax(mx.random.normal((1, 2, 32, 32)), axis=-1), probabilities_dtype="bfloat16")  # fmt: skip
+    alone.score(EvictionContext(**context, layer=0))
+    lone = alone.score(EvictionContext(**{**context, "offset": 64}, layer=2)).state[2]
+    mine = probe_scores(keys, mx.array(probe[2])).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.array(lone), np.array(mx.broadcast_to(mine, lone.shape)), rtol=1e-5)
+    with pytest.raises(ValueError, match="key_probe_layers 'mean' needs key_probe_heads 'mean' or 'max'"):
+        NAMMConfig(key_probe_layers="mean")
 
 
 def test_export_refuses_a_probed_namm(tmp_path, probe):

@@ -17,7 +17,7 @@ DEFAULT = REPO / "weights" / "default"
 def test_probe_writes_the_default_namm_with_a_probe_for_every_layer(tmp_path):
     result = run_namm("probe", "--out", str(tmp_path / "p"), "--text", str(TEXT), "--tasks", "passkey,needle",
                       "--lengths", "512", "--items", "1", "--marked-share", "0.05", "--span", "4", "--budget-share", "0.5",
-                      "--heads", "mean", cwd=tmp_path)  # fmt: skip
+                      "--heads", "mean", "--layers", "mean", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     probed, base = NAMM.load(tmp_path / "p"), NAMM.load(DEFAULT)
     assert probed.key_probe.shape == (30, 3, 33)  # SmolLM2-135M: 30 layers, 3 KV heads of dimension 64
@@ -25,6 +25,7 @@ def test_probe_writes_the_default_namm_with_a_probe_for_every_layer(tmp_path):
     np.testing.assert_array_equal(probed.to_flat(), base.to_flat())  # the BAM is the base NAMM's
     assert probed.config.key_probe_span == 4 and probed.config.key_probe_share == 0.5
     assert probed.config.key_probe_heads == "mean" and base.config.key_probe_heads == "max"  # the flag, not the base's
+    assert probed.config.key_probe_layers == "mean"
     assert probed.config.bam_window == base.config.bam_window == 128  # the base NAMM's window is kept
     provenance = json.loads((tmp_path / "p" / "namm_config.json").read_text())["provenance"]
     data = json.loads(provenance["key_probe"])
@@ -39,6 +40,8 @@ def test_probe_writes_the_default_namm_with_a_probe_for_every_layer(tmp_path):
         (["--marked-share", "1"], "--marked-share"),
         (["--budget-share", "0"], "--budget-share"),
         (["--heads", "all"], "--heads must be own, mean or max"),
+        (["--layers", "all"], "--layers must be own or mean"),
+        (["--layers", "mean", "--heads", "own"], "--layers mean needs --heads mean or max"),
         (["--namm", "no/such/folder"], "no NAMM folder"),
     ],
 )

@@ -40,6 +40,9 @@ def test_the_default_is_the_full_bam_namm_with_a_bam_window():
     assert default.config.key_probe_share == 0.3 and full.config.key_probe_share == 0.5
     # the newest query's attention reorders the BAM's ranking; the reference BAM alone in full-bam
     assert default.config.newest_query_weight == 0.3 and full.config.newest_query_weight == 0.0
-    # the marks' floor in the text read is the share at a quarter of it, so only smaller budgets feel it
-    assert default.config.key_probe_document_share == 0.3 * 0.25 and full.config.key_probe_document_share == 0.0
+    # a layer marks by the mean of its probe and the ones below, which marks few enough tokens that
+    # the floor session 18 gave the marks in the text read has nothing left to lift
+    assert default.config.key_probe_layers == "mean" and full.config.key_probe_layers == "own"
+    assert default.config.key_probe_document_share == 0.0 == full.config.key_probe_document_share
     assert default.metadata["method"] == "distilled" and default.metadata["evolved_generations"] == "0"
+

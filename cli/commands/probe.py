@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from namm_mlx.config import KEY_PROBE_HEADS
+from namm_mlx.config import KEY_PROBE_HEADS, KEY_PROBE_LAYERS
 from namm_mlx.integration import DEFAULT_NAMM_DIR
 
 from ..errors import user_errors
@@ -58,6 +58,11 @@ def probe(
         "own", "--heads", metavar="own|mean|max",
         help="Whose probe scores mark a token in a KV head: the head's own, or the mean or max over its layer's heads.",
     ),
+    layers: str = typer.Option(
+        "own", "--layers", metavar="own|mean",
+        help="Which layers' probes mark a token: the layer's own, or the mean over it and the layers below "
+             "(needs --heads mean or max).",
+    ),
 ) -> None:
     """Fit a per-layer key probe on training documents and write the NAMM with it."""
     from namm_mlx import NAMM
@@ -74,6 +79,10 @@ def probe(
             raise DistillError(f"--marked-share must be between 0 and 1 (exclusive), got {marked_share}")
         if heads not in KEY_PROBE_HEADS:
             raise DistillError(f"--heads must be own, mean or max, got {heads!r}")
+        if layers not in KEY_PROBE_LAYERS:
+            raise DistillError(f"--layers must be own or mean, got {layers!r}")
+        if layers == "mean" and heads == "own":
+            raise DistillError("--layers mean needs --heads mean or max: a token's mark is taken once, as it enters the cache")
         doc_lengths = _ints(lengths, "--lengths")
         base = NAMM.load(namm)
         lm, tokenizer = load_model(model, dtype="float32")
@@ -97,12 +106,13 @@ def probe(
             "key_probe": json.dumps(
                 {"model": model or "default", "base_namm": str(namm), "tasks": task_names, "lengths": doc_lengths,
                  "items": items, "seed": seed, "marked_share": marked_share, "span": span,
-                 "budget_share": budget_share, "heads": heads,
+                 "budget_share": budget_share, "heads": heads, "layers": layers,
                  "documents": [item["_id"] for item in wanted]},
                 sort_keys=True,
             )
         }
-        config = dataclasses.replace(base.config, key_probe_span=span, key_probe_share=budget_share, key_probe_heads=heads)
+        config = dataclasses.replace(base.config, key_probe_span=span, key_probe_share=budget_share, key_probe_heads=heads,
+                                     key_probe_layers=layers)
         probed = NAMM(base.weights, base.norm_mean, base.norm_var, config, base.norm_count, base.metadata, weights)
         probed.save(out, metadata=provenance)
         print(f"wrote {out}: {namm} with a key probe ({weights.shape[0]} layers x {weights.shape[1]} KV heads) "

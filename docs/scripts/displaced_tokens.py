@@ -10,9 +10,10 @@ the answer, on the full cache) put on them, as a share of all that attention.
 The tokens are grouped by kind (digits, words, punctuation, white space), and
 the first policy's own tokens by whether the key probe marks them (score
 ``>= 0``, pooled over the layer's heads as the NAMM's ``key_probe_heads``
-says, spread over the ``key_probe_span`` tokens before each mark, on the full
-cache's keys: the marks the NAMM ranks first, up to the evictions that change
-which neighbour a slot has).
+says and over the layers below as its ``key_probe_layers`` says, spread over
+the ``key_probe_span`` tokens before each mark, on the full cache's keys: the
+marks the NAMM ranks first, up to the evictions that change which neighbour a
+slot has).
 
     python docs/scripts/displaced_tokens.py OUT.json --item passkey-7680-000-s0 --recordings REC8K \
         [--namm weights/default] [--against tova] [--budget 1024] [--from 4608] [--limit 4]
@@ -88,6 +89,8 @@ def main() -> None:
         scores = probe_scores(keys, namm.key_probe[layer])
         probed.append(scores if heads == "own" else scores.mean(axis=1, keepdims=True) if heads == "mean"
                       else scores.max(axis=1, keepdims=True))
+    if namm.config.key_probe_layers == "mean":  # each layer marks by the mean of its probe and the ones below
+        probed = [sum(probed[: layer + 1]) / (layer + 1) for layer in range(len(probed))]
     edges, report = future.edges, {}
     for offset in sorted(set(kept["namm"]) & set(kept[args.against])):
         if offset < args.start or offset not in edges:

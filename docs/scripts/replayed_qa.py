@@ -268,7 +268,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="with --summary: draw score vs kept share to PNG (one file per length)")
     parser.add_argument("--shipped", help="with --plot: the policy drawn as the highlighted NAMM")
     parser.add_argument("--gap", help="with --summary: A,B prints B's recall minus A's (paired over items, with a 95%% interval), by layers and by step")
-    parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy)")
+    parser.add_argument("--namm", default="default=weights/default", help="NAME=DIR,... (each a ranked NAMM policy; it runs when --policies names it, or with the default --policies)")
     parser.add_argument("--policies", default=BASELINES, help="baselines and NAMM names; NAME+pK max-pools its scores over K slots, NAME+rW always keeps the W newest tokens, NAME+kS keeps --probe's marked tokens (and S tokens before each; +k: none) first")
     parser.add_argument("--probe", help="a NAMM folder whose key probe NAME+k policies use")
     parser.add_argument("--tasks", default=TASKS)
@@ -315,7 +315,8 @@ def main() -> None:
     if any("+k" in p for p in policies) and not args.probe:
         parser.error("a NAME+kS policy needs --probe DIR (a NAMM folder with a key probe)")
     probe = NAMM.load(args.probe).key_probe if args.probe else None
-    policies += [n for n in namms if n not in {p.split("@")[0].split("+")[0] for p in policies}]  # a NAMM named only with options runs only with them
+    if args.policies == BASELINES:  # named --policies run as named; the default runs every --namm NAMM with the rules
+        policies += list(namms)
 
     def parse(bs: list[str]) -> list:
         """Budgets: 'threshold', a fraction of the document (0 < f <= 1, with a

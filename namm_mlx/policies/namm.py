@@ -55,6 +55,9 @@ class NAMMScorer(Policy):
         self.ranked = bool(ranked)
         self.interval = namm.config.update_interval
         self.granularity = namm.config.hop
+        #: per layer, the pooled probe scores of the tokens its last step
+        #: took in, with that step's (offset, new slots, shape)
+        self._layer_marks: dict[int, tuple[tuple[Any, ...], mx.array]] = {}
 
     @classmethod
     def create(cls, namm: Any = None, **params: Any) -> "NAMMScorer":
@@ -152,11 +155,31 @@ class NAMMScorer(Policy):
         n_old = context.keys.shape[-2] - context.n_new
         new = probe_scores(context.keys[..., n_old:, :], probe)
         pooled = new.mean(axis=1, keepdims=True) if config.key_probe_heads == "mean" else new.max(axis=1, keepdims=True)
+        if config.key_probe_layers == "mean":
+            pooled = self._mean_over_lower_layers(pooled, context)
         raw = mx.broadcast_to(pooled, new.shape)
         if n_old:
             old = context.state[2] if len(context.state) > 2 else probe_scores(context.keys[..., :n_old, :], probe)
             raw = mx.concatenate([old, raw], axis=-1)
         return spread_marks(raw, config.key_probe_span), [raw]
+
+    def _mean_over_lower_layers(self, pooled: mx.array, context: EvictionContext) -> mx.array:
+        """The mean of ``pooled`` (this layer's scores of the step's new tokens)
+        and the scores the layers below took for the same tokens in this forward.
+
+        Layers step in order within a forward, so when this layer steps, every
+        entry of a layer at or above it is from an earlier forward and is
+        dropped, and a lower layer's entry counts only if it was taken at the
+        same offset for as many new tokens: a cache list that steps alone (or
+        a layer that did not step) falls back to the layers that did.
+        """
+        layer = context.layer
+        for stale in [j for j in self._layer_marks if j >= layer]:
+            del self._layer_marks[stale]
+        step = (context.offset, context.n_new, tuple(pooled.shape))
+        lower = [scores for taken, scores in self._layer_marks.values() if taken == step]
+        self._layer_marks[layer] = (step, pooled)
+        return (sum(lower, pooled)) / (len(lower) + 1) if lower else pooled
 
     def _keys(self, context: EvictionContext) -> mx.array | None:
         return context.keys if self.namm.config.key_norm_input else None
