@@ -90,9 +90,8 @@ class NAMMConfig:
     #: every layer below it, the ones whose keys of a new token exist when this
     #: layer's step runs (layers step in order within a forward). Each layer's
     #: probe is a weak, noisy marker; a fact is marked by most of them, a word
-    #: that one probe happens to like is not, so the mean marks a few tokens in
-    #: a hundred instead of two in a hundred per layer, and ranks the facts
-    #: among its first.
+    #: that one probe happens to like is not, so the mean marks several times
+    #: fewer tokens than one layer's probe and ranks the facts among its first.
     key_probe_layers: str = "own"
     #: Each token's BAM attention sees only the ``bam_window`` tokens from it
     #: on (0: every newer token, as in the reference). The reference BAM costs

@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from recorded_item import add_item_arguments, recorded_item
 
 
 def kind(text: str) -> str:
@@ -42,41 +43,29 @@ def kind(text: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="JSON written here (one entry per step)")
-    parser.add_argument("--item", required=True, help="item id, e.g. passkey-7680-000-s0 (seed 0 items)")
-    parser.add_argument("--recordings", type=Path, required=True, help="folder with ITEM.npz from replayed_qa.py --recordings")
+    add_item_arguments(parser)
     parser.add_argument("--namm", default="weights/default", help="the NAMM folder (the first policy, ranked at the budget)")
     parser.add_argument("--against", default="tova", help="the rule it is compared with")
     parser.add_argument("--budget", type=int, default=1024, help="tokens per layer")
     parser.add_argument("--from", dest="start", type=int, default=0, help="first step (tokens read) to report")
-    parser.add_argument("--limit", type=int, default=4, help="items per task, as replayed_qa.py built them")
     args = parser.parse_args()
 
     from namm_mlx.cache import EvictingKVCache
-    from namm_mlx.eval.query_agnostic import replay_kept_sets, split_prompt
+    from namm_mlx.eval.query_agnostic import replay_kept_sets
     from namm_mlx.eval.recall import load_recording
-    from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.files import atomic_write
     from namm_mlx.hook import install_hook
     from namm_mlx.key_probe import probe_scores, spread_marks
-    from namm_mlx.models import load_model
-    from namm_mlx.namm import NAMM
+    from namm_mlx.namm import NAMM, NAMMFormatError
     from namm_mlx.policies import make_scorer
 
-    parsed = re.fullmatch(r"([a-z_]+)-(\d+)-(\d+)-s0", args.item)
-    if not parsed:
-        parser.error(f"--item {args.item!r}: give an id as replayed_qa.py prints it, e.g. passkey-7680-000-s0")
-    recording = args.recordings / f"{args.item}.npz"
-    if not recording.exists():
-        parser.error(f"no recording {recording}: run replayed_qa.py --recordings {args.recordings} on the item first")
-    task, length = parsed.group(1), int(parsed.group(2))
-    model, tok = load_model(None, dtype="float32")
-    items = [it for it in make_items([task], [length], args.limit, 0, TextSource.from_cache(), tok) if it["_id"] == args.item]
-    if not items:
-        parser.error(f"no item {args.item!r} among seed 0's {task} items of {length} tokens")
-    document = split_prompt(tok, items[0]).document
+    tok, _, document, recording = recorded_item(parser, args)
     layers, scale, future = load_recording(recording)
     install_hook()
-    namm = NAMM.load(args.namm)
+    try:
+        namm = NAMM.load(args.namm)
+    except NAMMFormatError as err:
+        parser.error(str(err))
     scorers = {"namm": make_scorer("namm", namm=namm, ranked=True), args.against: make_scorer(args.against, interval=512)}
     kept = {}
     for name, scorer in scorers.items():

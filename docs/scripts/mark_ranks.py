@@ -15,10 +15,9 @@ below it (``key_probe_layers: mean``).
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 
 import numpy as np
+from recorded_item import add_item_arguments, recorded_item
 
 
 def ranks(scores: np.ndarray, span: int, answer: list[int]) -> tuple[int, int]:
@@ -35,39 +34,25 @@ def ranks(scores: np.ndarray, span: int, answer: list[int]) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--item", required=True, help="item id, e.g. passkey-7680-000-s0 (seed 0 items)")
-    parser.add_argument("--recordings", type=Path, required=True, help="folder with ITEM.npz from replayed_qa.py --recordings")
+    add_item_arguments(parser)
     parser.add_argument("--namm", default="weights/default", help="the NAMM folder whose key probe is read")
     parser.add_argument("--span", type=int, help="tokens before each mark that share it (default: the NAMM's)")
-    parser.add_argument("--limit", type=int, default=4, help="items per task, as replayed_qa.py built them")
     args = parser.parse_args()
 
-    parsed = re.fullmatch(r"([a-z_]+)-(\d+)-(\d+)-s0", args.item)
-    if not parsed:
-        parser.error(f"--item {args.item!r}: give an id as replayed_qa.py prints it, e.g. passkey-7680-000-s0")
-    recording = args.recordings / f"{args.item}.npz"
-    if not recording.exists():
-        parser.error(f"no recording {recording}: run replayed_qa.py --recordings {args.recordings} on the item first")
-
     from namm_mlx.eval.facts import answer_positions
-    from namm_mlx.eval.query_agnostic import split_prompt
     from namm_mlx.eval.recall import load_recording
-    from namm_mlx.eval.tasks import TextSource, make_items
     from namm_mlx.key_probe import SKIP_FIRST, probe_scores
-    from namm_mlx.models import load_model
-    from namm_mlx.namm import NAMM
+    from namm_mlx.namm import NAMM, NAMMFormatError
 
-    namm = NAMM.load(args.namm)
+    try:
+        namm = NAMM.load(args.namm)
+    except NAMMFormatError as err:
+        parser.error(str(err))
     if namm.key_probe is None:
         parser.error(f"{args.namm} has no key probe")
     span = namm.config.key_probe_span if args.span is None else args.span
-    task, length = parsed.group(1), int(parsed.group(2))
-    _, tok = load_model(None, dtype="float32")
-    items = [it for it in make_items([task], [length], args.limit, 0, TextSource.from_cache(), tok) if it["_id"] == args.item]
-    if not items:
-        parser.error(f"no item {args.item!r} among seed 0's {task} items of {length} tokens")
-    document = split_prompt(tok, items[0]).document
-    answer = answer_positions(tok, document, [str(a) for a in items[0]["answers"]])
+    tok, item, document, recording = recorded_item(parser, args)
+    answer = answer_positions(tok, document, [str(a) for a in item["answers"]])
     layers, _, _ = load_recording(recording)
     n = len(document)
     pooled = np.stack([np.asarray(probe_scores(keys[..., :n, :], namm.key_probe[i]).max(axis=1))[0]

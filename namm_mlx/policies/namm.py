@@ -179,7 +179,7 @@ class NAMMScorer(Policy):
         step = (context.offset, context.n_new, tuple(pooled.shape))
         lower = [scores for taken, scores in self._layer_marks.values() if taken == step]
         self._layer_marks[layer] = (step, pooled)
-        return (sum(lower, pooled)) / (len(lower) + 1) if lower else pooled
+        return sum(lower, pooled) / (len(lower) + 1) if lower else pooled
 
     def _keys(self, context: EvictionContext) -> mx.array | None:
         return context.keys if self.namm.config.key_norm_input else None
