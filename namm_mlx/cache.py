@@ -488,7 +488,7 @@ def _restored_scorer(spec: dict[str, Any], arrays: dict[str, mx.array]) -> Score
         if (
             last_key == key
             and last_arrays.keys() == arrays.keys()
-            and all(last_arrays[k].shape == arrays[k].shape and mx.array_equal(last_arrays[k], arrays[k]).item() for k in arrays)
+            and all(mx.array_equal(last_arrays[k], arrays[k]).item() for k in arrays)
         ):
             return scorer
     scorer = scorer_from_spec(spec, arrays)

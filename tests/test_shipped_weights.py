@@ -45,4 +45,3 @@ def test_the_default_is_the_full_bam_namm_with_a_bam_window():
     assert default.config.key_probe_layers == "mean" and full.config.key_probe_layers == "own"
     assert default.config.key_probe_document_share == 0.0 == full.config.key_probe_document_share
     assert default.metadata["method"] == "distilled" and default.metadata["evolved_generations"] == "0"
-

@@ -56,7 +56,7 @@ class NAMMScorer(Policy):
         self.interval = namm.config.update_interval
         self.granularity = namm.config.hop
         #: per layer, the pooled probe scores of the tokens its last step
-        #: took in, with that step's (offset, new slots, shape)
+        #: took in, with that step's offset and the scores' shape
         self._layer_marks: dict[int, tuple[tuple[Any, ...], mx.array]] = {}
 
     @classmethod
@@ -176,7 +176,7 @@ class NAMMScorer(Policy):
         layer = context.layer
         for stale in [j for j in self._layer_marks if j >= layer]:
             del self._layer_marks[stale]
-        step = (context.offset, context.n_new, tuple(pooled.shape))
+        step = (context.offset, tuple(pooled.shape))  # [B, 1, new slots]
         lower = [scores for taken, scores in self._layer_marks.values() if taken == step]
         self._layer_marks[layer] = (step, pooled)
         return sum(lower, pooled) / (len(lower) + 1) if lower else pooled
