@@ -130,7 +130,8 @@ def main() -> None:
         else:
             tokens, doc_length = item_tokens(tok, item)
             caches = record_full_cache(model, tokens, 512, split=doc_length)
-            layers = [recorded_layers(caches)[l] for l in replayed]
+            recorded = recorded_layers(caches)
+            layers = [recorded[l] for l in replayed]
             scale = caches[0].scale
             future = future_attention_from_caches(caches, doc_length, 512, replayed)
             del caches
