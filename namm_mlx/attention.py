@@ -14,9 +14,11 @@ Both chunk the query rows so no more than ``MAX_LOGITS`` logits exist at once
 
 The softmax is mlx's, not the cheaper base-2 one of the BAM (:mod:`.bam`):
 with it, the explicit attention equals the fused kernel's bit for bit on the
-CPU, so a NAMM cache that keeps every token computes the full cache's numbers
-exactly and features recorded from a full-cache run equal the online ones.
-Base 2 differs from it by about 1e-6.
+CPU while its rows fit in one chunk (for SmolLM2's 9 query heads and 512 rows,
+up to 1,820 keys), so a NAMM cache that keeps every token computes the full
+cache's numbers exactly and features recorded from a full-cache run equal the
+online ones. Chunked rows differ from the fused kernel by about 1e-7 (measured
+at 1,900-4,096 keys); base 2 differs by about 1e-6.
 """
 
 from __future__ import annotations
