@@ -15,8 +15,10 @@ Then the test: put back into the NAMM's cache, in every layer-head, the
 ``--restore`` evicted tokens ranked first by one order, and generate again
 after the opening. The orders: what this opening's last position reads most
 on the full cache; what another opening's last position reads; what all of
-this prompt's positions (question and opening) read; the document's first
-tokens; random. ``--put-back`` puts given positions back everywhere, and
+this prompt's positions (question and opening) read; what the document's own
+queries put on each token, summed as H2O scores it and per query that could
+see it (query-agnostic: a policy could use it); the document's first tokens;
+random. ``--put-back`` puts given positions back everywhere, and
 ``--in-layers`` puts the prompt's reads back in one band of layers only. An
 order that brings the answer back where the others do not names what the
 answer needed. Keys and values come from the recording, so nothing else
@@ -83,6 +85,10 @@ def main() -> None:
     for layer, positions in enumerate(kept):
         for head in range(H):
             evicted[layer, head, positions[head]] = False
+    # what the document's own queries put on each token, summed (H2O's heavy-hitter score), from a cache that keeps all
+    h2o = replay_kept_sets(layers, scale, lambda: EvictingKVCache(make_scorer("h2o")), n_doc)[1]
+    received = np.stack([np.array(c.scorer_state[0][0, :, :n_doc]) for c in h2o])  # [layers, H, n_doc]
+    del h2o
     print(f"{args.item}: {n_doc:,} document tokens; NAMM {args.namm} at {args.budget} tokens keeps "
           f"{np.mean([k.shape[1] for k in kept]):.0f} per layer-head; answer {item['answers'][0]!r}")  # fmt: skip
 
@@ -160,6 +166,8 @@ def main() -> None:
         orders = {"last position's reads": by_rank(reads[opening])}
         orders.update({"another's last position": by_rank(a) for o, a in reads.items() if o != opening})
         orders["all prompt positions' reads"] = by_rank(everything[opening])
+        orders["document queries' sum (H2O)"] = by_rank(received)
+        orders["document queries' mean"] = by_rank(received / (n_doc - np.arange(n_doc)))
         orders["the document's first tokens"] = np.broadcast_to(np.arange(n_doc), (n_layers, H, n_doc))
         orders["random"] = np.argsort(rng.random((n_layers, H, n_doc)), axis=-1)
         for group in args.put_back:
