@@ -54,6 +54,14 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.opening) < 2:
         parser.error("give at least two --opening texts: each one's restored tokens are the others' control")
+    try:
+        counts = [int(n) for n in args.restore.split(",")]
+        groups = [np.array([int(p) for p in group.split(",")]) for group in args.put_back]
+        bands = [range(int(a), int(b) + 1) for a, b in (span.split("-") for span in args.in_layers)]
+    except ValueError:
+        parser.error("--restore and --put-back take comma-separated whole numbers, --in-layers a range A-B")
+    if min(counts) < 1 or any((g < 0).any() for g in groups) or any(not band for band in bands):
+        parser.error("--restore counts must be at least 1, --put-back positions non-negative, --in-layers ranges A-B with A <= B")
 
     import mlx.core as mx
 
@@ -157,7 +165,6 @@ def main() -> None:
 
     rng, fill = np.random.default_rng(0), np.random.default_rng(1)
     by_rank = lambda weights: np.argsort(-weights, axis=-1)  # noqa: E731
-    counts = [int(n) for n in args.restore.split(",")]
     print("\nanswers after each opening with evicted tokens put back in every layer-head:")
     for opening in args.opening:
         prompt = question + encode(tokenizer, opening)
@@ -170,9 +177,8 @@ def main() -> None:
         orders["document queries' mean"] = by_rank(received / (n_doc - np.arange(n_doc)))
         orders["the document's first tokens"] = np.broadcast_to(np.arange(n_doc), (n_layers, H, n_doc))
         orders["random"] = np.argsort(rng.random((n_layers, H, n_doc)), axis=-1)
-        for group in args.put_back:
-            chosen = np.array([int(p) for p in group.split(",")])
-            order = np.broadcast_to(chosen, (n_layers, H, len(chosen)))
+        for group, chosen in zip(args.put_back, groups):
+            order = np.broadcast_to(chosen[chosen < n_doc], (n_layers, H, int((chosen < n_doc).sum())))
             print(f"  {opening!r:45} + positions {group:17} {generate(model, tokenizer, restored_caches(order, len(chosen)), prompt, args.max_tokens)!r}",
                   flush=True)  # fmt: skip
         ranked = orders["all prompt positions' reads"]
@@ -181,9 +187,8 @@ def main() -> None:
         common = ", ".join(f"{p} {tokenizer.decode([document[p]])!r} x{h}" for p, h in sorted(zip(positions, hits), key=lambda x: -x[1])[:12])
         print(f"  {opening!r:45} the {counts[0]} per layer-head by all prompt positions' reads: {len(positions)} distinct "
               f"positions, {np.mean(positions < 40):.0%} of them before position 40; most put back: {common}")  # fmt: skip
-        for span in args.in_layers:
-            first, last = (int(x) for x in span.split("-"))
-            caches = restored_caches(ranked, counts[0], range(first, last + 1))
+        for span, band in zip(args.in_layers, bands):
+            caches = restored_caches(ranked, counts[0], band)
             print(f"  {opening!r:45} + {counts[0]:4d} all prompt reads, layers {span:6} "
                   f"{generate(model, tokenizer, caches, prompt, args.max_tokens)!r}", flush=True)  # fmt: skip
         for count in counts:
