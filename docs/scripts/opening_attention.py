@@ -82,9 +82,8 @@ def main() -> None:
     layers, scale, _ = load_recording(recording)
     n_doc, n_layers = len(document), len(layers)
 
-    def full_caches() -> list:
-        return replay_kept_sets(layers, scale, lambda: EvictingKVCache(FullScorer()), n_doc)[1]
-
+    # each replayed once; a generation extends its caches, so every use gets forks
+    full = replay_kept_sets(layers, scale, lambda: EvictingKVCache(FullScorer()), n_doc)[1]
     scorer = make_scorer("namm", namm=NAMM.load(args.namm), ranked=True)
     _, namm_caches = replay_kept_sets(layers, scale, lambda: EvictingKVCache(scorer, max_kv_size=args.budget), n_doc)
     kept = [np.array(c.positions()[0]) for c in namm_caches]  # [H, k] per layer
@@ -111,7 +110,7 @@ def main() -> None:
     reads, everything = {}, {}
     for opening in args.opening:
         prompt = question + encode(tokenizer, opening)
-        caches = full_caches()
+        caches = [c.fork(c.scorer) for c in full]
         EvictingKVCache.attend = capture
         try:
             logits = model(mx.array(prompt)[None], cache=caches)
@@ -138,6 +137,10 @@ def main() -> None:
                 context = tokenizer.decode(document[max(0, p - 6) : p + 3]).replace("\n", " ")
                 print(f"    {p:6d} {tokenizer.decode([document[p]])!r:14} {weight[p]:.3f}  ...{context}...")
 
+    def first_evicted(order: np.ndarray, layer: int, head: int, n: int) -> list[int]:
+        """The first ``n`` positions of ``order[layer, head]`` that the NAMM evicted there."""
+        return [p for p in order[layer, head] if evicted[layer, head, p]][:n]
+
     def restored_caches(order: np.ndarray, count: int, only: range | None = None) -> list:
         """The NAMM's caches with, per layer-head, the first ``count`` evicted
         positions of ``order`` [layers, H, n] put back (keys from the recording).
@@ -147,7 +150,7 @@ def main() -> None:
         caches = []
         for layer, (keys, values, _) in enumerate(layers):
             n = count if only is None or layer in only else 0
-            extras = [[p for p in order[layer, head] if evicted[layer, head, p]][:n] for head in range(H)]
+            extras = [first_evicted(order, layer, head, n) for head in range(H)]
             most = max(map(len, extras))
             rows = []
             for head, extra in enumerate(extras):
@@ -168,7 +171,7 @@ def main() -> None:
     print("\nanswers after each opening with evicted tokens put back in every layer-head:")
     for opening in args.opening:
         prompt = question + encode(tokenizer, opening)
-        namm_only = replay_kept_sets(layers, scale, lambda: EvictingKVCache(scorer, max_kv_size=args.budget), n_doc)[1]
+        namm_only = [c.fork(scorer, max_kv_size=args.budget) for c in namm_caches]
         print(f"  {opening!r:45} NAMM as is                      {generate(model, tokenizer, namm_only, prompt, args.max_tokens)!r}")
         orders = {"last position's reads": by_rank(reads[opening])}
         orders.update({"another's last position": by_rank(a) for o, a in reads.items() if o != opening})
@@ -182,7 +185,7 @@ def main() -> None:
             print(f"  {opening!r:45} + positions {group:17} {generate(model, tokenizer, restored_caches(order, len(chosen)), prompt, args.max_tokens)!r}",
                   flush=True)  # fmt: skip
         ranked = orders["all prompt positions' reads"]
-        put = [[p for p in ranked[layer, head] if evicted[layer, head, p]][: counts[0]] for layer in range(n_layers) for head in range(H)]
+        put = [first_evicted(ranked, layer, head, counts[0]) for layer in range(n_layers) for head in range(H)]
         positions, hits = np.unique(np.concatenate(put), return_counts=True)
         common = ", ".join(f"{p} {tokenizer.decode([document[p]])!r} x{h}" for p, h in sorted(zip(positions, hits), key=lambda x: -x[1])[:12])
         print(f"  {opening!r:45} the {counts[0]} per layer-head by all prompt positions' reads: {len(positions)} distinct "
